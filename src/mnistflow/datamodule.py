@@ -1,0 +1,94 @@
+"""A LightningDataModule over whole splits held in memory as tensors.
+
+The tutorial path decodes every sample through PIL and `ToTensor` in a DataLoader; here a
+split is one tensor file, normalised once, and a batch is one indexing operation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import pytorch_lightning as pl
+from torch.utils.data import DataLoader, Dataset
+
+from .data import load_split
+
+# The MNIST training set's pixel mean and standard deviation (the examples' constants).
+MEAN, STD = 0.1307, 0.3081
+
+
+def normalise(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [N,28,28] -> float32 [N,1,28,28], standardised."""
+    return ((images.float() / 255.0 - MEAN) / STD).unsqueeze(1).contiguous()
+
+
+class TensorSplit(Dataset):
+    """(x, y) pairs over in-memory tensors; a batch is fetched by one fancy index."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor):
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i]
+
+    def __getitems__(self, indices):
+        # DataLoader hands the whole batch's indices here when this method exists.
+        idx = torch.as_tensor(indices)
+        return self.x[idx], self.y[idx]
+
+
+def _batch_as_is(batch):
+    return batch
+
+
+class MNISTDataModule(pl.LightningDataModule):
+    def __init__(
+        self,
+        train_path: str | Path,
+        test_path: str | Path | None = None,
+        batch_size: int = 128,
+        val_size: int = 5000,
+        train_limit: int = 0,
+        seed: int = 42,
+        eval_batch_size: int = 1000,
+    ):
+        super().__init__()
+        self.train_path, self.test_path = train_path, test_path
+        self.batch_size = batch_size
+        self.val_size = val_size
+        self.train_limit = train_limit
+        self.seed = seed
+        self.eval_batch_size = eval_batch_size
+        self.train_set = self.val_set = self.test_set = None
+
+    def setup(self, stage: str | None = None):
+        if stage in ("fit", "validate", None) and self.train_set is None:
+            images, labels = load_split(self.train_path)
+            if self.train_limit:
+                images, labels = images[: self.train_limit], labels[: self.train_limit]
+            order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(self.seed))
+            val_size = min(self.val_size, len(labels) - 1)
+            x = normalise(images)
+            val, train = order[:val_size], order[val_size:]
+            self.train_set = TensorSplit(x[train], labels[train])
+            self.val_set = TensorSplit(x[val], labels[val]) if val_size else None
+        if stage in ("test", "predict", None) and self.test_set is None:
+            images, labels = load_split(self.test_path)
+            self.test_set = TensorSplit(normalise(images), labels)
+
+    def _loader(self, split, batch_size, shuffle):
+        return DataLoader(split, batch_size=batch_size, shuffle=shuffle, collate_fn=_batch_as_is, num_workers=0)
+
+    def train_dataloader(self):
+        # Lightning swaps in a DistributedSampler under DDP and keeps the collate_fn.
+        return self._loader(self.train_set, self.batch_size, shuffle=True)
+
+    def val_dataloader(self):
+        return self._loader(self.val_set, self.eval_batch_size, shuffle=False) if self.val_set else []
+
+    def test_dataloader(self):
+        return self._loader(self.test_set, self.eval_batch_size, shuffle=False)

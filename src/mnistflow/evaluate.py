@@ -1,0 +1,188 @@
+"""Evaluation entry point: one process, the whole test split, every figure a report needs.
+
+    python -m mnistflow.evaluate --model model.ckpt --test-data test.pt --train-log metrics.csv --out DIR
+
+Writes metrics.json (accuracy, loss, per-class precision and recall), per_class.csv,
+confusion_matrix.csv and .png, and learning_curves.png from the training log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Sequence
+
+from .atomic import atomic_path, write_json, write_text
+
+log = logging.getLogger("mnistflow.evaluate")
+
+
+def load_model(path: str | Path):
+    """The classifier saved by training; loaded with weights_only=True (no pickled code runs)."""
+    import torch
+
+    from .model import MNISTClassifier
+
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    model = MNISTClassifier(**checkpoint["hyper_parameters"])
+    model.load_state_dict(checkpoint["state_dict"])
+    return model.eval()
+
+
+def predict(model, images, batch_size: int = 1000):
+    """(logits, mean cross-entropy is computed by the caller) for uint8 images, in batches."""
+    import torch
+
+    from .datamodule import normalise
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = model.to(device)
+    outputs = []
+    with torch.inference_mode():
+        for start in range(0, len(images), batch_size):
+            x = normalise(images[start : start + batch_size]).to(device)
+            outputs.append(model(x).float().cpu())
+    return torch.cat(outputs)
+
+
+def confusion_matrix(labels, predictions, num_classes: int = 10):
+    import torch
+
+    index = labels * num_classes + predictions
+    return torch.bincount(index, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def scores(cm) -> dict:
+    """Accuracy and per-class precision/recall from a confusion matrix (rows: true class)."""
+    total = int(cm.sum())
+    correct = int(cm.diag().sum())
+    per_class = []
+    for k in range(cm.shape[0]):
+        tp = int(cm[k, k])
+        predicted, actual = int(cm[:, k].sum()), int(cm[k, :].sum())
+        per_class.append({
+            "class": k,
+            "support": actual,
+            "precision": tp / predicted if predicted else 0.0,
+            "recall": tp / actual if actual else 0.0,
+        })
+    return {"accuracy": correct / total if total else 0.0, "samples": total, "per_class": per_class}
+
+
+def evaluate(model_path, test_data, train_log, out_dir, batch_size: int = 1000) -> dict:
+    import torch
+    from torch.nn import functional as F
+
+    from .data import load_split
+
+    out = Path(out_dir)
+    images, labels = load_split(test_data)
+    logits = predict(load_model(model_path), images, batch_size)
+    predictions = logits.argmax(1)
+    cm = confusion_matrix(labels, predictions)
+    result = scores(cm)
+    result["loss"] = float(F.cross_entropy(logits, labels))
+    result["model"] = str(model_path)
+
+    write_text(out / "confusion_matrix.csv", _csv([["true\\pred", *range(10)], *[[k, *row.tolist()] for k, row in enumerate(cm)]]))
+    write_text(out / "per_class.csv", _csv([["class", "support", "precision", "recall"], *[[c["class"], c["support"], f"{c['precision']:.4f}", f"{c['recall']:.4f}"] for c in result["per_class"]]]))
+    plot_confusion(cm, out / "confusion_matrix.png", result["accuracy"])
+    plot_learning_curves(train_log, out / "learning_curves.png")
+    write_json(out / "metrics.json", result)
+    return result
+
+
+def _csv(rows) -> str:
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows(rows)
+    return buf.getvalue()
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_confusion(cm, path, accuracy: float) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    ax.imshow(cm.numpy(), cmap="Blues")
+    for i in range(cm.shape[0]):
+        for j in range(cm.shape[1]):
+            value = int(cm[i, j])
+            if value:
+                ax.text(j, i, value, ha="center", va="center", fontsize=7, color="white" if value > cm.max() / 2 else "black")
+    ax.set(xlabel="predicted", ylabel="true", xticks=range(10), yticks=range(10), title=f"Confusion matrix (accuracy {accuracy:.2%})")
+    _save(fig, path)
+
+
+def read_log(path) -> dict[str, list[tuple[int, float]]]:
+    """Series from Lightning's CSV log: {metric: [(step, value), ...]} for each non-empty cell."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    with open(path, newline="") as fh:
+        for row in csv.DictReader(fh):
+            step = int(float(row.get("step") or 0))
+            for key, value in row.items():
+                if key in ("step", "epoch") or value in ("", None):
+                    continue
+                v = float(value)
+                if not math.isnan(v):
+                    series.setdefault(key, []).append((step, v))
+    return series
+
+
+def plot_learning_curves(train_log, path) -> None:
+    plt = _pyplot()
+    series = read_log(train_log)
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    for key in ("train_loss_step", "train_loss_epoch", "val_loss"):
+        if key in series:
+            steps, values = zip(*series[key])
+            loss_ax.plot(steps, values, marker="o" if len(steps) < 20 else None, label=key)
+    loss_ax.set(xlabel="step", ylabel="cross-entropy", title="Loss")
+    loss_ax.legend()
+    if "val_acc" in series:
+        steps, values = zip(*series["val_acc"])
+        acc_ax.plot(steps, values, marker="o", label="val_acc")
+        acc_ax.legend()
+    acc_ax.set(xlabel="step", ylabel="accuracy", title="Validation accuracy")
+    _save(fig, path)
+
+
+def _save(fig, path) -> None:
+    with atomic_path(path) as tmp:
+        fig.tight_layout()
+        fig.savefig(tmp, format="png", dpi=100)
+    _pyplot().close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m mnistflow.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True)
+    p.add_argument("--test-data", required=True, help="the prepared test split (test.pt)")
+    p.add_argument("--train-log", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--batch-size", type=int, default=1000)
+    p.add_argument("--threads", type=int, default=0)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    result = evaluate(args.model, args.test_data, args.train_log, args.out, args.batch_size)
+    log.info("accuracy %.4f, loss %.4f on %d test images", result["accuracy"], result["loss"], result["samples"])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

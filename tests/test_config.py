@@ -1,0 +1,81 @@
+"""Config validation: the schema's messages name the key; the resolver adds what a schema cannot say."""
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import validate
+
+from mnistflow.config import RECIPE, ConfigError, resolve_run, resolve_runs
+
+REPO = Path(__file__).resolve().parents[1]
+SCHEMA = str(REPO / "workflow/schemas/config.schema.yaml")
+
+
+def load(path="config/config.yaml"):
+    return yaml.safe_load((REPO / path).read_text())
+
+
+def test_shipped_configs_are_valid():
+    for path in ("config/config.yaml", ".test/config/config.yaml"):
+        config = load(path)
+        validate(config, SCHEMA)
+        assert set(resolve_runs(config)) == {"single", "multinode"}
+
+
+def test_defaults_are_filled():
+    config = {"runs": {"a": {}}}
+    validate(config, SCHEMA)
+    assert config["dataset"]["name"] == "mnist" and config["dataset"]["mirrors"] == []
+    assert config["evaluate"]["batch_size"] == 1000
+
+
+def test_recipe_defaults_match_the_shipped_config():
+    shipped = load()["train"]
+    assert {k: RECIPE[k] for k in shipped} == shipped
+
+
+@pytest.mark.parametrize("patch, needle", [
+    ({"train": {"batch_size": "64"}}, "'64' is not of type 'integer'"),
+    ({"train": {"batch_size": 0}}, "0 is less than the minimum of 1"),
+    ({"train": {"epochs": -1}}, "-1 is less than the minimum of 1"),
+    ({"train": {"model": "resnet"}}, "'resnet' is not one of ['cnn', 'mlp']"),
+    ({"dataset": {"name": "mnsit"}}, "'mnsit' is not one of ['mnist', 'fashion_mnist']"),
+    ({"dataset": {"bogus": 1}}, "Additional properties are not allowed ('bogus' was unexpected)"),
+    ({"runs": {"single": {"nodes": 0}}}, "0 is less than the minimum of 1"),
+    ({"runs": {"x; rm -rf ~": {}}}, "does not match"),
+    ({"runs": {"../escape": {}}}, "does not match"),
+    ({"dataset": {"mirrors": ["http://x/$(reboot)"]}}, "does not match"),
+    ({"dataset": {"md5": {"train-images-idx3-ubyte.gz": "xyz"}}}, "does not match"),
+])
+def test_schema_errors_name_the_problem(patch, needle):
+    config = copy.deepcopy(load())
+    for section, values in patch.items():
+        config.setdefault(section, {}).update(values)
+    with pytest.raises(WorkflowError) as err:
+        validate(config, SCHEMA)
+    assert needle in str(err.value)
+
+
+def test_run_overrides_train_overrides_recipe():
+    config = {"train": {"lr": 0.01, "epochs": 2}, "runs": {"a": {"lr": 0.5}, "b": {}}}
+    assert resolve_run(config, "a")["lr"] == 0.5 and resolve_run(config, "a")["epochs"] == 2
+    assert resolve_run(config, "b")["lr"] == 0.01 and resolve_run(config, "b")["model"] == RECIPE["model"]
+
+
+def test_batch_must_divide_across_ddp_processes():
+    config = {"runs": {"wide": {"nodes": 3, "devices": 1, "batch_size": 128}}}
+    with pytest.raises(ConfigError, match=r"runs.wide.batch_size: 128 does not divide across nodes x devices = 3"):
+        resolve_run(config, "wide")
+
+
+def test_unsafe_run_name_rejected_by_resolver_too():
+    with pytest.raises(ConfigError, match="runs.a b: a run name must match"):
+        resolve_run({"runs": {"a b": {}}}, "a b")
+
+
+def test_impossible_geometry_names_the_run():
+    with pytest.raises(ConfigError, match=r"runs.x.nodes: 0 is not an integer >= 1"):
+        resolve_run({"runs": {"x": {"nodes": 0}}}, "x")

@@ -1,0 +1,53 @@
+"""The networks' shapes, the module's recipe, the in-memory data module."""
+
+import pytest
+import torch
+
+from mnistflow.data import load_split
+from mnistflow.datamodule import MNISTDataModule, TensorSplit, normalise
+from mnistflow.model import MLP, ExamplesCNN, MNISTClassifier
+
+
+@pytest.mark.parametrize("net", [ExamplesCNN, MLP])
+def test_logits_shape(net):
+    assert net()(torch.zeros(5, 1, 28, 28)).shape == (5, 10)
+
+
+def test_examples_cnn_layers():
+    sizes = [tuple(p.shape) for p in ExamplesCNN().parameters()]
+    assert sizes == [(32, 1, 3, 3), (32,), (64, 32, 3, 3), (64,), (128, 9216), (128,), (10, 128), (10,)]
+
+
+def test_hyperparameters_saved():
+    module = MNISTClassifier(model="mlp", optimizer="sgd", lr=0.1)
+    assert module.hparams.model == "mlp" and module.hparams.lr == 0.1
+    assert isinstance(module.net, MLP)
+
+
+def test_normalise():
+    x = normalise(torch.full((2, 28, 28), 255, dtype=torch.uint8))
+    assert x.shape == (2, 1, 28, 28) and x.dtype == torch.float32
+    assert torch.allclose(x, torch.tensor((1 - 0.1307) / 0.3081))
+
+
+def test_batch_is_one_index():
+    split = TensorSplit(torch.arange(10).float().view(10, 1), torch.arange(10))
+    x, y = split.__getitems__([3, 1, 4])
+    assert y.tolist() == [3, 1, 4] and x.shape == (3, 1)
+
+
+def test_datamodule_splits_and_batches(tmp_path, mirror):
+    from mnistflow.data import prepare
+
+    prepare(mirror.directory, tmp_path)
+    dm = MNISTDataModule(tmp_path / "train.pt", tmp_path / "test.pt", batch_size=64, val_size=500, train_limit=4000, seed=1)
+    dm.setup("fit")
+    assert len(dm.train_set) == 3500 and len(dm.val_set) == 500
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (64, 1, 28, 28) and y.shape == (64,) and y.dtype == torch.int64
+    dm.setup("test")
+    assert len(dm.test_set) == 2000
+    # the same seed holds out the same validation images
+    dm2 = MNISTDataModule(tmp_path / "train.pt", batch_size=64, val_size=500, train_limit=4000, seed=1)
+    dm2.setup("fit")
+    assert torch.equal(dm.val_set.y, dm2.val_set.y)

@@ -1,0 +1,117 @@
+"""The whole chain with the local executor on real digits from the loopback mirror."""
+
+import json
+import subprocess
+import zipfile
+
+import pytest
+
+from tests.conftest import REPO, SNAKEMAKE, VENV_BIN
+
+pytestmark = pytest.mark.workflow
+
+RULES = ["environment", "download", "prepare", "train", "train_ddp", "evaluate", "summarize", "all"]
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory, mirror):
+    """Run the default target once; the tests below read what it produced."""
+    from tests.conftest import Workflow, copy_workflow
+
+    wf = Workflow(copy_workflow(tmp_path_factory.mktemp("chain")), [".test/config/config.yaml"])
+    wf.write_config("mirror.yaml", mirror.overlay())
+    plan = wf.snakemake("--dry-run", "--cores", "2")
+    wf.snakemake("--cores", "2")
+    wf.snakemake("--report", "results/report.zip")
+    wf.plan = plan.stdout
+    return wf
+
+
+def test_dry_run_shows_the_whole_chain(chain):
+    for rule in RULES:
+        assert f"{rule} " in chain.plan or f"rule {rule}:" in chain.plan, rule
+
+
+def test_environment_record(chain):
+    record = json.loads(chain.path("results/env/train_env.json").read_text())
+    assert record["packages"]["torch"] and record["packages"]["pytorch-lightning"]
+    assert record["cuda_available"] in (True, False) and record["cpu_count"] >= 1
+
+
+def test_data_verified_and_prepared(chain, mirror):
+    from mnistflow.data import FILES, load_split, md5sum
+
+    for name in FILES:
+        assert md5sum(chain.path(f"results/data/mnist/raw/{name}")) == mirror.md5[name]
+    images, labels = load_split(chain.path("results/data/mnist/test.pt"))
+    assert images.shape == (2000, 28, 28) and len(labels) == 2000
+
+
+@pytest.mark.parametrize("run", ["single", "multinode"])
+def test_runs_trained_and_evaluated(chain, run):
+    record = json.loads(chain.path(f"results/runs/{run}/train.json").read_text())
+    metrics = json.loads(chain.path(f"results/runs/{run}/eval/metrics.json").read_text())
+    assert record["epochs"] == 1 and record["samples_per_s"] > 0
+    # the examples CNN, one epoch on 7,500 real digits, tested on 2,000 others
+    assert 0.93 < metrics["accuracy"] <= 1.0, metrics["accuracy"]
+    assert 0 < metrics["loss"] < 0.4
+    assert len(metrics["per_class"]) == 10 and all(c["support"] > 0 for c in metrics["per_class"])
+    for name in ("confusion_matrix.png", "learning_curves.png", "confusion_matrix.csv", "per_class.csv"):
+        assert chain.path(f"results/runs/{run}/eval/{name}").stat().st_size > 0
+    assert chain.path(f"results/runs/{run}/checkpoints/last.ckpt").exists()
+
+
+def test_multinode_run_really_ran_ddp_across_node_processes(chain):
+    record = json.loads(chain.path("results/runs/multinode/train.json").read_text())
+    assert record["world_size"] == 2 and record["num_nodes"] == 2 and record["strategy"] == "DDPStrategy"
+    assert record["granted"]["launcher"] == "local"
+    node_ranks = {h.split("/")[1] for h in record["hosts"]}
+    assert node_ranks == {"node0", "node1"}
+    log = chain.path("results/logs/train/multinode.log").read_text()
+    assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in log
+
+
+def test_summary_compares_runs(chain):
+    table = chain.path("results/summary/runs.md").read_text()
+    assert "| single | cnn | 1 | 1 | 1 |" in table and "| multinode | cnn | 2 | 1 | 2 |" in table
+    assert chain.path("results/summary/runs.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_report_contains_plots_and_captions(chain):
+    with zipfile.ZipFile(chain.path("results/report.zip")) as report:
+        names = report.namelist()
+        pngs = [n for n in names if n.endswith(".png")]
+        assert sum("confusion_matrix" in n for n in pngs) == 2 and sum("learning_curves" in n for n in pngs) == 2
+        assert any("runs.png" in n for n in pngs)
+        html = "".join(report.read(n).decode(errors="ignore") for n in names if n.endswith((".html", ".js")))
+        assert "Confusion matrix of run" in html
+
+
+def test_second_run_has_nothing_to_do(chain):
+    out = chain.snakemake("--dry-run", "--cores", "2").stdout
+    assert "Nothing to be done" in out
+
+
+def test_bad_config_fails_before_any_job_naming_the_key(make_workflow):
+    wf = make_workflow("badcfg", extra={"train": {"batch_size": -4}, "runs": {"single": {"devices": "two"}}})
+    result = wf.snakemake("--dry-run", check=False)
+    assert result.returncode != 0
+    err = result.stdout + result.stderr
+    assert "-4 is less than the minimum of 1" in err and "batch_size" in err
+
+
+def test_indivisible_batch_rejected(make_workflow):
+    wf = make_workflow("divide", extra={"runs": {"three": {"nodes": 3, "batch_size": 100}}})
+    result = wf.snakemake("--dry-run", check=False)
+    assert result.returncode != 0
+    assert "runs.three.batch_size: 100 does not divide across nodes x devices = 3" in result.stdout + result.stderr
+
+
+def test_lint_clean():
+    result = subprocess.run([SNAKEMAKE, "--lint"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_snakefmt_clean():
+    result = subprocess.run([str(VENV_BIN / "snakefmt"), "--check", "Snakefile", "workflow/rules"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -1,0 +1,48 @@
+localrules:
+    download,
+
+
+rule download:
+    """The four IDX files, from the first mirror that serves them with the right MD5.
+    A local rule: on a cluster it runs on the submit host, as compute nodes often have no internet.
+    """
+    output:
+        expand("{data}/raw/{file}", data=DATA, file=FILES),
+    log:
+        "results/logs/download.log",
+    conda:
+        "../../envs/train.yaml"
+    params:
+        dataset=config["dataset"]["name"],
+        out=lambda wildcards, output: directory_of(output),
+        md5=json.dumps(config["dataset"]["md5"], sort_keys=True),
+        timeout=config["dataset"]["timeout_s"],
+        retries=config["dataset"]["retries"],
+    shell:
+        "python -m mnistflow.data download --dataset {params.dataset} --md5 {params.md5:q}"
+        " --timeout {params.timeout} --retries {params.retries} --out {params.out}"
+        " > {log} 2>&1"
+
+
+rule prepare:
+    """One tensor file per split, so training reads a whole split in one go."""
+    input:
+        rules.download.output,
+    output:
+        train=f"{DATA}/train.pt",
+        test=f"{DATA}/test.pt",
+    log:
+        "results/logs/prepare.log",
+    benchmark:
+        "results/benchmarks/prepare.tsv"
+    conda:
+        "../../envs/train.yaml"
+    resources:
+        runtime=10,
+        mem_mb=2000,
+        cpus_per_task=1,
+    params:
+        raw=lambda wildcards, input: directory_of(input),
+        out=lambda wildcards, output: directory_of(output),
+    shell:
+        "python -m mnistflow.data prepare --raw {params.raw} --out {params.out} > {log} 2>&1"

@@ -1,0 +1,16 @@
+rule environment:
+    """Record what the training environment holds; training depends on the record."""
+    output:
+        "results/env/train_env.json",
+    log:
+        "results/logs/environment.log",
+    benchmark:
+        "results/benchmarks/environment.tsv"
+    conda:
+        "../../envs/train.yaml"
+    resources:
+        runtime=10,
+        mem_mb=2000,
+        cpus_per_task=1,
+    shell:
+        "python -m mnistflow.envinfo --out {output} > {log} 2>&1"

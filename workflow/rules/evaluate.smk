@@ -1,0 +1,40 @@
+rule evaluate:
+    """Test-split scores, confusion matrix and learning curves, in one process."""
+    input:
+        model=rules.train.output.model,
+        log_csv=rules.train.output.log_csv,
+        test=rules.prepare.output.test,
+    output:
+        metrics="results/runs/{run}/eval/metrics.json",
+        per_class="results/runs/{run}/eval/per_class.csv",
+        confusion_csv="results/runs/{run}/eval/confusion_matrix.csv",
+        confusion=report(
+            "results/runs/{run}/eval/confusion_matrix.png",
+            caption="../report/confusion_matrix.rst",
+            category="Evaluation",
+            subcategory="{run}",
+        ),
+        curves=report(
+            "results/runs/{run}/eval/learning_curves.png",
+            caption="../report/learning_curves.rst",
+            category="Training",
+            subcategory="{run}",
+        ),
+    log:
+        "results/logs/evaluate/{run}.log",
+    benchmark:
+        "results/benchmarks/evaluate/{run}.tsv"
+    conda:
+        "../../envs/train.yaml"
+    threads: 2
+    resources:
+        cpus_per_task=lambda wildcards, threads: threads,
+        mem_mb=3000,
+        runtime=15,
+    params:
+        batch_size=config["evaluate"]["batch_size"],
+        out=lambda wildcards, output: directory_of(output.metrics),
+    shell:
+        "python -m mnistflow.evaluate --model {input.model} --test-data {input.test}"
+        " --train-log {input.log_csv} --out {params.out}"
+        " --batch-size {params.batch_size} --threads {threads} > {log} 2>&1"

@@ -1,0 +1,32 @@
+localrules:
+    summarize,
+
+
+rule summarize:
+    """One table and one chart comparing every run."""
+    input:
+        records=expand("results/runs/{run}/train.json", run=RUNS),
+        metrics=expand("results/runs/{run}/eval/metrics.json", run=RUNS),
+    output:
+        csv="results/summary/runs.csv",
+        markdown=report(
+            "results/summary/runs.md",
+            caption="../report/summary.rst",
+            category="Summary",
+        ),
+        chart=report(
+            "results/summary/runs.png",
+            caption="../report/summary.rst",
+            category="Summary",
+        ),
+    log:
+        "results/logs/summarize.log",
+    conda:
+        "../../envs/report.yaml"
+    params:
+        runs=list(RUNS),
+        results=lambda wildcards, input: os.path.dirname(directory_of(input.records)),
+        out=lambda wildcards, output: directory_of(output.csv),
+    shell:
+        "python -m mnistflow.summarize --runs {params.runs} --results {params.results}"
+        " --out {params.out} > {log} 2>&1"

@@ -1,0 +1,80 @@
+TRAIN_INPUT = dict(
+    train=rules.prepare.output.train,
+    environment=rules.environment.output,
+)
+TRAIN_OUTPUT = dict(
+    model="results/runs/{run}/model.ckpt",
+    log_csv="results/runs/{run}/metrics.csv",
+    record="results/runs/{run}/train.json",
+)
+TRAIN_PARAMS = dict(
+    settings=run_settings,
+    out=lambda wildcards, output: directory_of(output.model),
+    val_size=config["dataset"]["val_size"],
+    train_limit=config["dataset"]["train_limit"],
+)
+TRAIN_SHELL = (
+    "python -m mnistflow.train --run {wildcards.run} --params {params.settings:q}"
+    " --train-data {input.train} --out {params.out} --val-size {params.val_size}"
+    " --train-limit {params.train_limit} --threads {resources.cpus_per_task} > {log} 2>&1"
+)
+
+
+rule train:
+    """One process on one device (a GPU when there is one)."""
+    input:
+        **TRAIN_INPUT,
+    output:
+        **TRAIN_OUTPUT,
+    log:
+        "results/logs/train/{run}.log",
+    benchmark:
+        "results/benchmarks/train/{run}.tsv"
+    wildcard_constraints:
+        run=runs_where(distributed=False),
+    conda:
+        "../../envs/train.yaml"
+    threads: 4
+    resources:
+        nodes=1,
+        cpus_per_task=lambda wildcards, threads: threads,
+        mem_mb=4000,
+        runtime=60,
+        gres=slurm_resource("gres", ""),
+    params:
+        **TRAIN_PARAMS,
+    shell:
+        TRAIN_SHELL
+
+
+rule train_ddp:
+    """nodes x devices processes under DDP: srun on Slurm, real node processes locally."""
+    input:
+        **TRAIN_INPUT,
+    output:
+        **TRAIN_OUTPUT,
+    log:
+        "results/logs/train/{run}.log",
+    benchmark:
+        "results/benchmarks/train/{run}.tsv"
+    wildcard_constraints:
+        run=runs_where(distributed=True),
+    conda:
+        "../../envs/train.yaml"
+    threads: lambda wildcards: geometry(wildcards).world_size
+    resources:
+        nodes=slurm_resource("nodes"),
+        mpi=slurm_resource("mpi"),
+        tasks=slurm_resource("tasks", 0),
+        tasks_per_node=slurm_resource("tasks_per_node", 0),
+        tasks_per_gpu=slurm_resource("tasks_per_gpu", 0),
+        gres=slurm_resource("gres", ""),
+        cpus_per_task=lambda wildcards, threads: max(
+            1, threads // geometry(wildcards).world_size
+        ),
+        mem_mb_per_cpu=2000,
+        runtime=60,
+    params:
+        **TRAIN_PARAMS,
+    shell:
+        TRAIN_SHELL
