@@ -24,7 +24,8 @@ def test_several_devices_per_node_use_tasks_per_node_and_gres():
     assert res == {"nodes": 2, "mpi": "srun", "tasks_per_node": 4, "gres": "gpu:4", "tasks_per_gpu": 0}
     assert g.trainer_kwargs()["devices"] == 4 and g.world_size == 8
     assert g.srun_args(8) == [
-        "srun", "--nodes=2", "--ntasks=8", "--ntasks-per-node=4", "--cpus-per-task=8", "--kill-on-bad-exit=1", "--gres=gpu:4",
+        "srun", "--nodes=2", "--ntasks=8", "--ntasks-per-node=4", "--cpus-per-task=8", "--kill-on-bad-exit=1",
+        "--job-name=mnistflow-train", "--gres=gpu:4",
     ]
 
 

@@ -102,6 +102,9 @@ class Geometry:
             f"--ntasks-per-node={self.devices}",
             f"--cpus-per-task={cpus_per_task}",
             "--kill-on-bad-exit=1",
+            # The plugin strips SLURM_JOB_NAME, so srun would name the step after the program;
+            # Lightning treats a step named "bash" as interactive and ignores Slurm.
+            "--job-name=mnistflow-train",
         ]
         if self.requests_gpus:
             args.append(f"--gres=gpu:{self.devices}")

@@ -21,15 +21,18 @@ import datetime as dt
 import json
 import logging
 import os
-import shutil
 import socket
 import sys
 import time
 from pathlib import Path
 from typing import Sequence
 
-from .geometry import Geometry
+from .geometry import Geometry, GeometryError
 from .launch import relaunch
+
+# Exit status of a run stopped by the preemption signal: "try again later" (sysexits EX_TEMPFAIL).
+# Snakemake's retry (or Slurm's requeue) then resumes from the last finished epoch's last.ckpt.
+EXIT_PREEMPTED = 75
 
 log = logging.getLogger("mnistflow.train")
 
@@ -44,6 +47,7 @@ def parse_args(argv: Sequence[str] | None):
     p.add_argument("--train-limit", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="CPU threads per process (0: SLURM_CPUS_PER_TASK, else all)")
     p.add_argument("--collective-timeout", type=float, default=300.0, help="seconds before a DDP collective gives up on a dead rank")
+    p.add_argument("--preempt-signal", default="SIGUSR1", help="the signal Slurm sends before the time limit (sbatch --signal)")
     return p.parse_args(argv)
 
 
@@ -65,9 +69,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     code = relaunch(geometry, "mnistflow.train", argv, cpus_per_task=threads)
     if code is not None:
         return code
-    granted = geometry.check_environment()
+    try:
+        granted = geometry.check_environment()
+    except GeometryError as err:
+        log.error("%s", err)
+        return 2
     os.environ["OMP_NUM_THREADS"] = str(threads)
+    _choose_gloo_interface()
     return train(args, run, geometry, granted, threads)
+
+
+def _choose_gloo_interface() -> None:
+    """Gloo binds to the address its host name resolves to; when that is loopback (fake or
+    badly configured nodes), say so and use `lo` rather than fail to connect."""
+    if os.environ.get("GLOO_SOCKET_IFNAME"):
+        return
+    try:
+        address = socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return
+    if address.startswith("127."):
+        os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+        log.warning("host name resolves to %s: gloo uses the loopback interface; on a real multi-host "
+                    "cluster set GLOO_SOCKET_IFNAME to the interconnect's interface", address)
 
 
 def train(args, run: dict, geometry: Geometry, granted: dict, threads: int) -> int:
@@ -76,7 +100,7 @@ def train(args, run: dict, geometry: Geometry, granted: dict, threads: int) -> i
     from pytorch_lightning.callbacks import ModelCheckpoint
     from pytorch_lightning.loggers import CSVLogger
 
-    from .atomic import atomic_path, write_json
+    from .atomic import write_json, write_text
     from .datamodule import MNISTDataModule
     from .model import MNISTClassifier
 
@@ -105,34 +129,52 @@ def train(args, run: dict, geometry: Geometry, granted: dict, threads: int) -> i
         # A bounded collective timeout: if one rank dies the others fail instead of hanging forever.
         trainer_kwargs["strategy"] = DDPStrategy(timeout=dt.timedelta(seconds=args.collective_timeout))
     throughput = make_throughput_callback()
+    preemption = make_preemption_callback(args.preempt_signal)
+    plugins = [atomic_checkpoint_io()]
+    if "SLURM_NTASKS" in os.environ:
+        from lightning_fabric.plugins.environments import SLURMEnvironment
+
+        # The workflow owns the preemption signal (below); Lightning must not requeue by itself.
+        plugins.append(SLURMEnvironment(auto_requeue=False))
     trainer = pl.Trainer(
         **trainer_kwargs,
         max_epochs=run["epochs"],
         precision=run["precision"],
         default_root_dir=out,
         logger=CSVLogger(save_dir=out, name="logs", version=""),
-        callbacks=[ModelCheckpoint(dirpath=ckpt_dir, save_top_k=0, save_last=True), throughput],
+        # `last.ckpt`, replaced at every epoch end (save_last alone would only write it when
+        # a top-k checkpoint is saved too, i.e. at the end of fit).
+        callbacks=[
+            ModelCheckpoint(dirpath=ckpt_dir, filename="last", save_top_k=1, enable_version_counter=False),
+            throughput,
+            preemption,
+        ],
+        plugins=plugins,
         enable_progress_bar=False,
         enable_model_summary=False,
         deterministic=False,
         log_every_n_steps=10,
     )
     resume = last if last.exists() else None
+    log_dir = out / "logs"
     if resume:
         log.info("resuming from %s", resume)
+        if _is_first_process():
+            _keep_earlier_log(log_dir)
     t0 = time.perf_counter()
-    trainer.fit(model, datamodule=data, ckpt_path=resume, weights_only=True)
+    try:
+        trainer.fit(model, datamodule=data, ckpt_path=resume, weights_only=True)
+    except Preempted as stop:
+        log.warning("%s; %s holds the last finished epoch; exiting %d so a retry or requeue resumes",
+                    stop, last, EXIT_PREEMPTED)
+        return EXIT_PREEMPTED
     fit_s = time.perf_counter() - t0
 
     hosts = _gather_hosts(trainer)
-    # save_checkpoint is collective: every rank calls it, rank 0 writes.
-    final_tmp = out / ".model.ckpt.part"
-    trainer.save_checkpoint(final_tmp, weights_only=False)
-    trainer.strategy.barrier("model-saved")
+    # save_checkpoint is collective: every rank calls it, rank 0 writes (atomically).
+    trainer.save_checkpoint(out / "model.ckpt", weights_only=False)
     if trainer.global_rank == 0:
-        os.replace(final_tmp, out / "model.ckpt")
-        with atomic_path(out / "metrics.csv") as tmp:
-            shutil.copyfile(Path(trainer.logger.log_dir) / "metrics.csv", tmp)
+        write_text(out / "metrics.csv", merge_logs(sorted(log_dir.glob("metrics*.csv"), key=_log_order)))
         record = {
             "run": args.run,
             "settings": run,
@@ -161,6 +203,52 @@ def train(args, run: dict, geometry: Geometry, granted: dict, threads: int) -> i
     return 0
 
 
+def _is_first_process(env=os.environ) -> bool:
+    """Global rank 0, known before the Trainer has set up its processes."""
+    if "SLURM_PROCID" in env and "SLURM_STEP_ID" in env:
+        return env["SLURM_PROCID"] == "0"
+    return env.get("NODE_RANK", "0") == "0" and env.get("LOCAL_RANK", "0") == "0"
+
+
+def _keep_earlier_log(log_dir: Path) -> None:
+    """Lightning's CSV logger deletes an existing metrics.csv; keep it as metrics.<n>.csv."""
+    current = log_dir / "metrics.csv"
+    if current.exists():
+        n = len(list(log_dir.glob("metrics.*.csv")))
+        os.replace(current, log_dir / f"metrics.{n}.csv")
+
+
+def _log_order(path: Path) -> int:
+    # metrics.0.csv, metrics.1.csv, ... (earlier attempts), then metrics.csv (this one)
+    middle = path.name[len("metrics."):-len(".csv")]
+    return int(middle) if middle.isdigit() else 1 << 30
+
+
+def merge_logs(paths) -> str:
+    """One CSV log across resumed attempts. Rows an attempt logged after its last checkpoint
+    were trained again by the next attempt: keep only the later attempt's rows for those steps."""
+    import csv
+    import io
+
+    parts = []
+    for path in paths:
+        with open(path, newline="") as fh:
+            reader = csv.DictReader(fh)
+            parts.append((reader.fieldnames or [], list(reader)))
+    fields: list[str] = []
+    rows: list[dict] = []
+    for i, (names, part) in enumerate(parts):
+        fields += [n for n in names if n not in fields]
+        later = [r for _, p in parts[i + 1 :] for r in p]
+        cutoff = min((int(r["step"]) for r in later if r.get("step")), default=None)
+        rows += [r for r in part if cutoff is None or int(r.get("step") or 0) < cutoff]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
 def _gather_hosts(trainer) -> list[str]:
     """Each rank's host (SLURMD_NODENAME where set: fake Slurm nodes share one hostname)."""
     me = f"{os.environ.get('SLURMD_NODENAME') or socket.gethostname()}/node{trainer.node_rank}/rank{trainer.global_rank}"
@@ -171,6 +259,60 @@ def _gather_hosts(trainer) -> list[str]:
     hosts: list = [None] * trainer.world_size
     dist.all_gather_object(hosts, me)
     return hosts
+
+
+def atomic_checkpoint_io():
+    """Lightning's checkpoint writer, made atomic: a crash or a full disk mid-write leaves
+    the previous checkpoint in place, never a truncated one under its name."""
+    from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+
+    from .atomic import atomic_path
+
+    class AtomicCheckpointIO(TorchCheckpointIO):
+        def save_checkpoint(self, checkpoint, path, storage_options=None):
+            with atomic_path(path) as tmp:
+                super().save_checkpoint(checkpoint, tmp, storage_options)
+
+    return AtomicCheckpointIO()
+
+
+class Preempted(Exception):
+    pass
+
+
+def make_preemption_callback(signal_name: str):
+    """Stop cleanly, on every rank at the same step, when the preemption signal arrives.
+
+    The handler only sets a flag. At the next batch end the ranks agree (one all-reduce)
+    and all raise Preempted, so no rank is left waiting in a collective. The partial epoch
+    is dropped; `last.ckpt` from the last finished epoch is the resume point.
+    """
+    import signal
+
+    import pytorch_lightning as pl
+    import torch
+
+    signum = getattr(signal, signal_name)
+
+    class Preemption(pl.Callback):
+        def __init__(self):
+            self.received = False
+
+        def on_train_start(self, trainer, pl_module):
+            signal.signal(signum, self._handle)
+
+        def _handle(self, *_):
+            self.received = True
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            flag = self.received
+            if trainer.world_size > 1:
+                t = torch.tensor([int(flag)], device=pl_module.device)
+                flag = bool(trainer.strategy.reduce(t, reduce_op="max").item())
+            if flag:
+                raise Preempted(f"{signal_name} received at epoch {trainer.current_epoch}, step {trainer.global_step}")
+
+    return Preemption()
 
 
 def make_throughput_callback():

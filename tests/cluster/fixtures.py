@@ -1,0 +1,82 @@
+"""pytest fixtures for the local Slurm test cluster (see ``tests/cluster/slurm.py``).
+
+In ``tests/conftest.py``::
+
+    from tests.cluster.fixtures import slurm_cluster  # noqa: F401  (session fixture)
+
+and in a test::
+
+    @pytest.mark.slurm
+    def test_something(slurm_cluster):
+        jobid = slurm_cluster.sbatch(["--wait", "--wrap", "hostname"])
+        assert slurm_cluster.sacct(jobid, ["State"], allocations_only=True)[0]["State"] == "COMPLETED"
+
+The fixture starts one cluster per pytest session (2 nodes x 2 CPUs x 4000 MB x 2 fake
+GPUs, partition ``debug``, account ``lab``; about 4 s) and stops it at the end.  It skips,
+with the reason shown by ``pytest -rs``, only where Slurm truly cannot run here (not root,
+not Linux, packages missing and apt-get unavailable or failing); a cluster that should
+start but does not is a test *error* carrying the daemon log tail.
+
+For another shape: ``slurm_cluster_3n = slurm_cluster_fixture("slurm_cluster_3n", nodes=3)``.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.cluster.slurm import SlurmCluster
+
+# One cluster per process: the fixture may be collected twice (imported by tests/conftest.py and
+# by a test module), which gives pytest two session fixtures; they share the running cluster.
+_shared: dict = {"cluster": None, "kwargs": None, "refs": 0, "skip_reason": None}
+
+
+def _cluster_session(**kwargs):
+    if _shared["skip_reason"]:
+        pytest.skip(_shared["skip_reason"])
+    if _shared["cluster"] is not None:
+        if _shared["kwargs"] != kwargs:
+            raise RuntimeError(
+                f"a Slurm test cluster with {_shared['kwargs']} is already running in this session; "
+                f"cannot start another one with {kwargs} (one cluster per machine)"
+            )
+    else:
+        cluster = SlurmCluster(**kwargs)
+        try:
+            reason = cluster.start_or_reason()
+        except BaseException:
+            cluster.stop()  # leave no half-started daemons; their logs stay in /var/log/slurm
+            raise
+        if reason:
+            _shared["skip_reason"] = f"Slurm test cluster unavailable: {reason}"
+            pytest.skip(_shared["skip_reason"])
+        _shared.update(cluster=cluster, kwargs=kwargs)
+    _shared["refs"] += 1
+    try:
+        yield _shared["cluster"]
+    finally:
+        _shared["refs"] -= 1
+        if _shared["refs"] == 0:
+            cluster, _shared["cluster"], _shared["kwargs"] = _shared["cluster"], None, None
+            notes = cluster.stop()
+            if notes:
+                print(f"[slurm test cluster] stop: {'; '.join(notes)}")
+
+
+def slurm_cluster_fixture(name: str, **kwargs):
+    """Return a session-scoped fixture called ``name`` yielding a started ``SlurmCluster(**kwargs)``.
+
+    Usage in a conftest: ``slurm_cluster_3n = slurm_cluster_fixture("slurm_cluster_3n", nodes=3)``.
+    Only one cluster can run at a time on a machine (fixed ports and paths): don't use two
+    differently shaped cluster fixtures in one session.
+    """
+
+    @pytest.fixture(scope="session", name=name)
+    def _fixture():
+        """Session-wide local Slurm cluster; skips only if Slurm cannot run on this machine."""
+        yield from _cluster_session(**kwargs)
+
+    return _fixture
+
+
+slurm_cluster = slurm_cluster_fixture("slurm_cluster")
