@@ -41,6 +41,8 @@ def record() -> dict:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "conda_prefix": os.environ.get("CONDA_PREFIX"),
+        # Environment modules loaded for the job (Lmod and Environment Modules both set it).
+        "modules": [m for m in os.environ.get("LOADEDMODULES", "").split(":") if m],
     }
 
 

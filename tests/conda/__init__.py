@@ -4,6 +4,8 @@
 * ``conda_double.py`` the double itself (only the calls Snakemake 9.27.1 makes),
   launched by ``bin/conda``; ``bin/activate``/``bin/deactivate`` do activation.
 * ``fixtures.py``     the session-scoped ``conda_double`` pytest fixture.
+* ``venv_python.py``  a channel with ``venv-python``, whose ``bin/python`` runs the test
+  venv's Python: the real workflow's rules run inside double-made environments.
 
 :func:`double_env` returns the environment variables a subprocess (Snakemake)
 needs to find and use the double.

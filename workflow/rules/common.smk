@@ -1,6 +1,7 @@
 import json
 import os
 import re
+import shlex
 import sys
 
 from snakemake.exceptions import WorkflowError
@@ -52,3 +53,46 @@ def directory_of(path_or_list):
     """The folder of a rule's first input or output file, for entry points that take a folder."""
     first = path_or_list if isinstance(path_or_list, str) else path_or_list[0]
     return os.path.dirname(first)
+
+
+# Software (config `software`; README "Conda and modules"). Every rule declares both
+# `conda: software_env(...)` and `envmodules: *ENV_MODULES`; --sdm picks which applies.
+SOFTWARE = config["software"]
+ENV_MODULES = SOFTWARE["modules"]
+ENV_FILES = {
+    "torch": "train-cuda" if SOFTWARE["variant"] == "cuda" else "train",
+    "report": "report",
+}
+
+
+def software_env(role):
+    """A rule's `conda:`: the existing environment named in config, else envs/<file>.yaml.
+
+    role: "torch" (data, environment record, training, evaluation) or "report" (no torch).
+    The path is relative to workflow/rules/, where every rule file lives.
+    """
+    return SOFTWARE["conda_env"] or f"../../envs/{ENV_FILES[role]}.yaml"
+
+
+def shell_prefix(modules, src):
+    """What runs before every rule's command: inside its conda environment, after its modules.
+
+    * Each configured module must be loaded, or the job fails. Snakemake runs
+      `module purge && module load M; <command>`: a failed load is printed and the command
+      runs anyway, with whatever software is on PATH. The check also fails a job that
+      ran without --sdm env-modules while modules are configured.
+    * PYTHONPATH again: Snakemake removes it from jobs that run in a conda environment.
+    """
+    check = ""
+    if modules:
+        check = (
+            f"for _m in {' '.join(map(shlex.quote, modules))}; do"
+            ' module is-loaded "$_m" || { echo "mnistflow: environment module $_m is not'
+            " loaded (its 'module load' failed, or the workflow runs without --sdm"
+            ' env-modules)" >&2; exit 1; }; done; '
+        )
+    prefix = f"{check}set -euo pipefail; export PYTHONPATH={shlex.quote(src)}; "
+    return prefix.replace("{", "{{").replace("}", "}}")  # shell.prefix() formats it
+
+
+shell.prefix(shell_prefix(ENV_MODULES, SRC))

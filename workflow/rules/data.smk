@@ -11,7 +11,9 @@ rule download:
     log:
         "results/logs/download.log",
     conda:
-        "../../envs/train.yaml"
+        software_env("torch")
+    envmodules:
+        *ENV_MODULES,
     params:
         dataset=config["dataset"]["name"],
         out=lambda wildcards, output: directory_of(output),
@@ -36,7 +38,9 @@ rule prepare:
     benchmark:
         "results/benchmarks/prepare.tsv"
     conda:
-        "../../envs/train.yaml"
+        software_env("torch")
+    envmodules:
+        *ENV_MODULES,
     resources:
         runtime=10,
         mem_mb=2000,

@@ -7,7 +7,9 @@ rule environment:
     benchmark:
         "results/benchmarks/environment.tsv"
     conda:
-        "../../envs/train.yaml"
+        software_env("torch")
+    envmodules:
+        *ENV_MODULES,
     resources:
         runtime=10,
         mem_mb=2000,

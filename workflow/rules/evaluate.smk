@@ -25,7 +25,9 @@ rule evaluate:
     benchmark:
         "results/benchmarks/evaluate/{run}.tsv"
     conda:
-        "../../envs/train.yaml"
+        software_env("torch")
+    envmodules:
+        *ENV_MODULES,
     threads: 2
     resources:
         cpus_per_task=lambda wildcards, threads: threads,

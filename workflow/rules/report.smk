@@ -22,7 +22,9 @@ rule summarize:
     log:
         "results/logs/summarize.log",
     conda:
-        "../../envs/report.yaml"
+        software_env("report")
+    envmodules:
+        *ENV_MODULES,
     params:
         runs=list(RUNS),
         results=lambda wildcards, input: os.path.dirname(directory_of(input.records)),

@@ -33,7 +33,9 @@ rule train:
     wildcard_constraints:
         run=runs_where(distributed=False),
     conda:
-        "../../envs/train.yaml"
+        software_env("torch")
+    envmodules:
+        *ENV_MODULES,
     threads: 4
     resources:
         nodes=1,
@@ -60,7 +62,9 @@ rule train_ddp:
     wildcard_constraints:
         run=runs_where(distributed=True),
     conda:
-        "../../envs/train.yaml"
+        software_env("torch")
+    envmodules:
+        *ENV_MODULES,
     threads: lambda wildcards: geometry(wildcards).world_size
     resources:
         nodes=slurm_resource("nodes"),
