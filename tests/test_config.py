@@ -79,3 +79,28 @@ def test_unsafe_run_name_rejected_by_resolver_too():
 def test_impossible_geometry_names_the_run():
     with pytest.raises(ConfigError, match=r"runs.x.nodes: 0 is not an integer >= 1"):
         resolve_run({"runs": {"x": {"nodes": 0}}}, "x")
+
+
+def test_sweep_expands_into_readable_stable_names():
+    config = {"sweeps": {"lrs": {"settings": {"epochs": 2}, "grid": {"lr": [0.001, 0.003], "batch_size": [64, 128]}}}}
+    runs = resolve_runs(config)
+    assert list(runs) == [
+        "lrs_lr-0.001_batch_size-64", "lrs_lr-0.001_batch_size-128",
+        "lrs_lr-0.003_batch_size-64", "lrs_lr-0.003_batch_size-128",
+    ]
+    assert runs["lrs_lr-0.003_batch_size-64"]["lr"] == 0.003 and runs["lrs_lr-0.003_batch_size-64"]["epochs"] == 2
+    # adding a grid point keeps every existing name
+    config["sweeps"]["lrs"]["grid"]["lr"].append(0.01)
+    assert set(runs) < set(resolve_runs(config))
+
+
+def test_sweep_name_clash_and_geometry_checked():
+    with pytest.raises(ConfigError, match="also appear under runs"):
+        resolve_runs({"runs": {"s_seed-1": {}}, "sweeps": {"s": {"grid": {"seed": [1]}}}})
+    with pytest.raises(ConfigError, match=r"runs.g_nodes-3.batch_size: 128 does not divide"):
+        resolve_runs({"sweeps": {"g": {"grid": {"nodes": [1, 3]}}}})
+
+
+def test_no_runs_at_all():
+    with pytest.raises(ConfigError, match="no runs configured"):
+        resolve_runs({})

@@ -8,6 +8,7 @@ the Snakefile calls it at parse time.
 
 from __future__ import annotations
 
+import itertools
 import re
 from typing import Mapping
 
@@ -32,7 +33,7 @@ RECIPE = {
     "devices": 1,
 }
 
-RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
 class ConfigError(ValueError):
@@ -64,5 +65,41 @@ def resolve_run(config: Mapping, name: str) -> dict:
     return {"name": name, **run}
 
 
+def format_value(value) -> str:
+    """A grid value as it appears in a run name: 0.003, 128, cnn."""
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def expand_sweeps(config: Mapping) -> dict[str, dict]:
+    """Every combination of each sweep's grid, as named runs.
+
+    `sweeps.lrs = {settings: {epochs: 2}, grid: {lr: [0.001, 0.003], batch_size: [64, 128]}}`
+    gives runs `lrs_lr-0.001_batch_size-64`, ... : the names list the grid values in the
+    order the grid is written, so they are readable and stay the same when a point is added.
+    """
+    runs: dict[str, dict] = {}
+    for sweep, spec in (config.get("sweeps") or {}).items():
+        grid = spec.get("grid") or {}
+        for values in itertools.product(*grid.values()):
+            point = dict(zip(grid, values))
+            name = "_".join([sweep] + [f"{key}-{format_value(value)}" for key, value in point.items()])
+            runs[name] = {**(spec.get("settings") or {}), **point}
+    return runs
+
+
+def all_runs(config: Mapping) -> dict[str, dict]:
+    """`runs` and the runs of every sweep; a name may not be used twice."""
+    explicit = dict(config.get("runs") or {})
+    swept = expand_sweeps(config)
+    clash = sorted(set(explicit) & set(swept))
+    if clash:
+        raise ConfigError(f"sweeps: run name(s) {clash} also appear under runs; rename the sweep or the run")
+    return {**explicit, **swept}
+
+
 def resolve_runs(config: Mapping) -> dict[str, dict]:
-    return {name: resolve_run(config, name) for name in config.get("runs") or {}}
+    runs = all_runs(config)
+    if not runs:
+        raise ConfigError("runs: no runs configured; add an entry under `runs` or `sweeps`")
+    expanded = {**config, "runs": runs}
+    return {name: resolve_run(expanded, name) for name in runs}

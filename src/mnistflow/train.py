@@ -47,6 +47,7 @@ def parse_args(argv: Sequence[str] | None):
     p.add_argument("--train-limit", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="CPU threads per process (0: SLURM_CPUS_PER_TASK, else all)")
     p.add_argument("--collective-timeout", type=float, default=300.0, help="seconds before a DDP collective gives up on a dead rank")
+    p.add_argument("--env-record", help="the environment record (envinfo) to copy into train.json")
     p.add_argument("--preempt-signal", default="SIGUSR1", help="the signal Slurm sends before the time limit (sbatch --signal)")
     return p.parse_args(argv)
 
@@ -197,10 +198,37 @@ def train(args, run: dict, geometry: Geometry, granted: dict, threads: int) -> i
             "started": started.isoformat(timespec="seconds"),
             "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+            "provenance": provenance(args.env_record),
         }
         write_json(out / "train.json", record)
         log.info("trained %s: %s samples/s over %d process(es)", args.run, record["samples_per_s"], trainer.world_size)
     return 0
+
+
+def provenance(env_record: str | None) -> dict:
+    """What produced this run, beside its settings: code digest, git commit, environment."""
+    import subprocess
+
+    from .codedigest import closure, code_digest
+
+    repo = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        ).stdout.strip() or None
+        dirty = bool(subprocess.run(
+            ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()) if commit else None
+    except (OSError, subprocess.SubprocessError):
+        commit = dirty = None
+    return {
+        "code_digest": code_digest("mnistflow.train"),
+        "code_modules": closure("mnistflow.train"),
+        "git_commit": commit,
+        "git_dirty": dirty,
+        "environment": json.loads(Path(env_record).read_text()) if env_record else None,
+        "command": [sys.executable, "-m", "mnistflow.train", *sys.argv[1:]],
+    }
 
 
 def _is_first_process(env=os.environ) -> bool:
