@@ -33,9 +33,10 @@ FILES = (
 SPLITS = {"train": FILES[0:2], "test": FILES[2:4]}
 DATASETS = ("mnist", "fashion_mnist")
 IMAGE_SIZE = 28
-# The workflow hands the mirror list to the download step in the environment, not as a
-# rule param: a new mirror for the same checksummed files must not redo the download.
-MIRRORS_ENV = "MNISTFLOW_MIRRORS"
+# The workflow hands how-to-fetch settings (mirrors, timeout_s, retries) to the download
+# step in the environment, as JSON, not as rule params: the files are fixed by their MD5s,
+# so a new mirror must not redo the download and everything after it.
+DOWNLOAD_ENV = "MNISTFLOW_DOWNLOAD"
 NUM_CLASSES = 10
 
 
@@ -274,14 +275,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     dl = sub.add_parser("download", help="download the four IDX files, verified by MD5")
     dl.add_argument("--dataset", required=True, choices=DATASETS)
+    fetch_defaults = {"mirrors": [], "timeout_s": 10.0, "retries": 1, **json.loads(os.environ.get(DOWNLOAD_ENV, "{}"))}
     dl.add_argument(
         "--mirrors",
-        default=os.environ.get(MIRRORS_ENV, "[]"),
-        help=f"JSON list of mirror URLs (default: ${MIRRORS_ENV}); empty: torchvision's",
+        default=json.dumps(fetch_defaults["mirrors"]),
+        help=f"JSON list of mirror URLs (default from ${DOWNLOAD_ENV}); empty: torchvision's",
     )
     dl.add_argument("--md5", default="{}", help="JSON {file: md5} replacing known checksums")
-    dl.add_argument("--timeout", type=float, default=15.0)
-    dl.add_argument("--retries", type=int, default=1)
+    dl.add_argument("--timeout", type=float, default=fetch_defaults["timeout_s"])
+    dl.add_argument("--retries", type=int, default=fetch_defaults["retries"])
     dl.add_argument("--out", required=True, help="directory for the four files")
     pr = sub.add_parser("prepare", help="IDX files -> train.pt / test.pt")
     pr.add_argument("--raw", required=True)

@@ -13,8 +13,10 @@ SRC = os.path.join(workflow.basedir, "src")
 sys.path.insert(0, SRC)
 os.environ.update(PYTHONPATH=SRC)
 
+from mnistflow.codedigest import code_digest
 from mnistflow.config import ConfigError, resolve_runs
-from mnistflow.data import FILES, MIRRORS_ENV
+from mnistflow.data import DOWNLOAD_ENV, FILES
+from mnistflow.envinfo import package_versions
 from mnistflow.geometry import Geometry
 
 try:
@@ -23,9 +25,11 @@ except ConfigError as err:
     raise WorkflowError(f"config: {err}") from None
 
 DATA = f"results/data/{config['dataset']['name']}"
-# Not a param of the download rule: a changed mirror list with unchanged checksums must
-# not make Snakemake redo the download and everything after it.
-os.environ[MIRRORS_ENV] = json.dumps(config["dataset"]["mirrors"])
+# How to fetch (mirrors, timeout, retries) is not a param of the download rule: the files
+# are fixed by their MD5s, so a new mirror must not redo the download and all after it.
+os.environ[DOWNLOAD_ENV] = json.dumps(
+    {key: config["dataset"][key] for key in ("mirrors", "timeout_s", "retries")}
+)
 
 
 def geometry(wildcards):

@@ -18,12 +18,9 @@ rule download:
         dataset=config["dataset"]["name"],
         out=lambda wildcards, output: directory_of(output),
         md5=json.dumps(config["dataset"]["md5"], sort_keys=True),
-        timeout=config["dataset"]["timeout_s"],
-        retries=config["dataset"]["retries"],
     shell:
         "python -m mnistflow.data download --dataset {params.dataset} --md5 {params.md5:q}"
-        " --timeout {params.timeout} --retries {params.retries} --out {params.out}"
-        " > {log} 2>&1"
+        " --out {params.out} > {log} 2>&1"
 
 
 rule prepare:
@@ -46,6 +43,7 @@ rule prepare:
         mem_mb=2000,
         cpus_per_task=1,
     params:
+        code=code_digest("mnistflow.data"),
         raw=lambda wildcards, input: directory_of(input),
         out=lambda wildcards, output: directory_of(output),
     shell:

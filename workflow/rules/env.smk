@@ -14,5 +14,10 @@ rule environment:
         runtime=10,
         mem_mb=2000,
         cpus_per_task=1,
+    params:
+        code=code_digest("mnistflow.envinfo"),
+        # Without --sdm conda the rules run in Snakemake's own environment: a changed
+        # package version there reruns the record, and with it training.
+        packages=package_versions(),
     shell:
         "python -m mnistflow.envinfo --out {output} > {log} 2>&1"

@@ -34,6 +34,7 @@ rule evaluate:
         mem_mb=3000,
         runtime=15,
     params:
+        code=code_digest("mnistflow.evaluate"),
         batch_size=config["evaluate"]["batch_size"],
         out=lambda wildcards, output: directory_of(output.metrics),
     shell:

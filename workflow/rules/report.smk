@@ -26,6 +26,7 @@ rule summarize:
     envmodules:
         *ENV_MODULES,
     params:
+        code=code_digest("mnistflow.summarize"),
         runs=list(RUNS),
         results=lambda wildcards, input: os.path.dirname(directory_of(input.records)),
         out=lambda wildcards, output: directory_of(output.csv),

@@ -9,6 +9,7 @@ TRAIN_OUTPUT = dict(
 )
 TRAIN_PARAMS = dict(
     settings=run_settings,
+    code=code_digest("mnistflow.train"),
     out=lambda wildcards, output: directory_of(output.model),
     val_size=config["dataset"]["val_size"],
     train_limit=config["dataset"]["train_limit"],
@@ -16,7 +17,8 @@ TRAIN_PARAMS = dict(
 TRAIN_SHELL = (
     "python -m mnistflow.train --run {wildcards.run} --params {params.settings:q}"
     " --train-data {input.train} --out {params.out} --val-size {params.val_size}"
-    " --train-limit {params.train_limit} --threads {resources.cpus_per_task} > {log} 2>&1"
+    " --train-limit {params.train_limit} --threads {resources.cpus_per_task}"
+    " --env-record {input.environment} > {log} 2>&1"
 )
 
 
