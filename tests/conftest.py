@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from mnistflow import offline
+from tests.cluster.fixtures import slurm_cluster  # noqa: F401  (session fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -61,8 +62,8 @@ class Workflow:
     configfiles: list
 
     def snakemake(self, *args, timeout: int = 900, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
-        cmd = ["timeout", "-k", "10", str(timeout), SNAKEMAKE, "--configfile", *self.configfiles, *args]
-        run_env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}", **(env or {})}
+        cmd = ["timeout", "-k", "10", str(timeout), *self.command(*args)]
+        run_env = {**self.env(), **(env or {})}
         result = subprocess.run(cmd, cwd=self.root, capture_output=True, text=True, env=run_env)
         if check and result.returncode != 0:
             raise AssertionError(
@@ -70,6 +71,13 @@ class Workflow:
                 + self.logs_tail()
             )
         return result
+
+    def command(self, *args) -> list[str]:
+        # --configfile takes several values: put it last, after targets and other options.
+        return [SNAKEMAKE, *args, "--configfile", *self.configfiles]
+
+    def env(self) -> dict:
+        return {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}"}
 
     def logs_tail(self) -> str:
         logs = sorted((self.root / "results" / "logs").rglob("*.log")) if (self.root / "results").exists() else []
@@ -97,8 +105,21 @@ def copy_workflow(destination: Path) -> Path:
     return destination
 
 
+@pytest.fixture(scope="session")
+def slurm_controller(request):
+    """The test cluster, up while tests run Snakemake, if Slurm can run here at all.
+
+    snakemake-executor-plugin-slurm asks `scontrol show config` (10 s timeout) at every
+    Snakemake start where the Slurm client tools exist; with a controller up it answers at once.
+    """
+    try:
+        return request.getfixturevalue("slurm_cluster")
+    except pytest.skip.Exception:
+        return None
+
+
 @pytest.fixture
-def make_workflow(tmp_path_factory, mirror):
+def make_workflow(tmp_path_factory, mirror, slurm_controller):
     """Factory: a fresh copy of the workflow configured for the loopback mirror's small data."""
 
     def make(name: str = "wf", extra: dict | None = None) -> Workflow:

@@ -14,7 +14,7 @@ RULES = ["environment", "download", "prepare", "train", "train_ddp", "evaluate",
 
 
 @pytest.fixture(scope="module")
-def chain(tmp_path_factory, mirror):
+def chain(tmp_path_factory, mirror, slurm_controller):
     """Run the default target once; the tests below read what it produced."""
     from tests.conftest import Workflow, copy_workflow
 

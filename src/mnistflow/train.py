@@ -33,6 +33,8 @@ from .launch import relaunch
 # Exit status of a run stopped by the preemption signal: "try again later" (sysexits EX_TEMPFAIL).
 # Snakemake's retry (or Slurm's requeue) then resumes from the last finished epoch's last.ckpt.
 EXIT_PREEMPTED = 75
+# The default of --collective-timeout, from the environment (the rules do not pass the option).
+COLLECTIVE_TIMEOUT_ENV = "MNISTFLOW_COLLECTIVE_TIMEOUT_S"
 
 log = logging.getLogger("mnistflow.train")
 
@@ -46,7 +48,8 @@ def parse_args(argv: Sequence[str] | None):
     p.add_argument("--val-size", type=int, default=5000)
     p.add_argument("--train-limit", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="CPU threads per process (0: SLURM_CPUS_PER_TASK, else all)")
-    p.add_argument("--collective-timeout", type=float, default=300.0, help="seconds before a DDP collective gives up on a dead rank")
+    p.add_argument("--collective-timeout", type=float, default=float(os.environ.get(COLLECTIVE_TIMEOUT_ENV) or 300.0),
+                   help=f"seconds before a DDP collective gives up on a dead or hung rank (default: ${COLLECTIVE_TIMEOUT_ENV}, else 300)")
     p.add_argument("--env-record", help="the environment record (envinfo) to copy into train.json")
     p.add_argument("--preempt-signal", default="SIGUSR1", help="the signal Slurm sends before the time limit (sbatch --signal)")
     return p.parse_args(argv)
@@ -168,6 +171,8 @@ def train(args, run: dict, geometry: Geometry, granted: dict, threads: int) -> i
     except Preempted as stop:
         log.warning("%s; %s holds the last finished epoch; exiting %d so a retry or requeue resumes",
                     stop, last, EXIT_PREEMPTED)
+        if trainer.global_rank == 0:
+            _record_attempt(log_dir, started, resume, f"preempted: {stop}")
         return EXIT_PREEMPTED
     fit_s = time.perf_counter() - t0
 
@@ -175,6 +180,7 @@ def train(args, run: dict, geometry: Geometry, granted: dict, threads: int) -> i
     # save_checkpoint is collective: every rank calls it, rank 0 writes (atomically).
     trainer.save_checkpoint(out / "model.ckpt", weights_only=False)
     if trainer.global_rank == 0:
+        attempts = _record_attempt(log_dir, started, resume, "finished")
         write_text(out / "metrics.csv", merge_logs(sorted(log_dir.glob("metrics*.csv"), key=_log_order)))
         record = {
             "run": args.run,
@@ -199,6 +205,7 @@ def train(args, run: dict, geometry: Geometry, granted: dict, threads: int) -> i
             "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
             "provenance": provenance(args.env_record),
+            "attempts": attempts,
         }
         write_json(out / "train.json", record)
         log.info("trained %s: %s samples/s over %d process(es)", args.run, record["samples_per_s"], trainer.world_size)
@@ -229,6 +236,24 @@ def provenance(env_record: str | None) -> dict:
         "environment": json.loads(Path(env_record).read_text()) if env_record else None,
         "command": [sys.executable, "-m", "mnistflow.train", *sys.argv[1:]],
     }
+
+
+def _record_attempt(log_dir: Path, started, resumed_from, outcome: str) -> list[dict]:
+    """Append this attempt to <out>/logs/attempts.jsonl (kept across retries, unlike the rule's
+    log, which Snakemake deletes before each attempt); return every attempt so far."""
+    entry = {
+        "started": started.isoformat(timespec="seconds"),
+        "ended": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "resumed_from": str(resumed_from) if resumed_from else None,
+        "outcome": outcome,
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "host": os.environ.get("SLURMD_NODENAME") or socket.gethostname(),
+    }
+    path = log_dir / "attempts.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fh.write(json.dumps(entry) + "\n")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _is_first_process(env=os.environ) -> bool:
