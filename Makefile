@@ -6,6 +6,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SNAKEMAKE := $(BIN)/snakemake
+# Rules run `python -m mnistflow...`: the venv's python must come first on their PATH.
+export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 .PHONY: install install-system run demo report test bench lint format clean
 
