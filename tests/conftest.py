@@ -74,7 +74,7 @@ class Workflow:
 
     def command(self, *args) -> list[str]:
         # --configfile takes several values: put it last, after targets and other options.
-        return [SNAKEMAKE, *args, "--configfile", *self.configfiles]
+        return [SNAKEMAKE, *args, *(["--configfile", *self.configfiles] if self.configfiles else [])]
 
     def env(self) -> dict:
         return {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}"}
