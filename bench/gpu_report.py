@@ -1,0 +1,55 @@
+"""Render bench/results/gpu_*.json (written by bench/gpu.py on a GPU machine) as gpu_*.md tables.
+
+    python bench/gpu_report.py            # every bench/results/gpu_*.json
+"""
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+
+def render(d: dict) -> str:
+    md = [f"### GPU: {d['device']} ({d.get('nvidia_smi', '')}), torch {d['torch']}, CUDA {d.get('cuda')}, "
+          f"Lightning {d.get('pytorch_lightning')}; {d['date']}\n"]
+    md.append("Throughput of the examples CNN, the whole npm-digit training split on the GPU (samples/s):\n")
+    md.append(common.table(["path", "batch", "precision", "samples/s", "/ plain loop (bf16, same batch)"],
+                           [[r["path"] + (" (channels-last)" if r.get("channels_last") else ""), r["batch"], r.get("precision"),
+                             r.get("samples_per_s", r.get("error")), r.get("over_plain")] for r in d.get("throughput", [])]))
+    tta = d.get("time_to_accuracy")
+    if tta:
+        md.append(f"\n\nTime to accuracy, plain loop with the data on the GPU ({tta['data']}); best test accuracy of any run "
+                  f"**{tta['best_acc']:.2%}**: 99% was not reached on this 8,000-image training set.\n")
+        rows = []
+        for r in tta["runs"]:
+            if "best_acc" not in r:
+                continue
+            rows.append([f"{r['optimizer']} lr {r['lr']} {r['schedule']}" + (f" seed {r['seed']}" if 'seed' in r else ""), r["batch"],
+                         r["epochs"], r["precision"], r["best_acc"], r["s_to_98"], r["s_to_99"], r["total_s"]])
+        md.append(common.table(["recipe", "batch", "epochs", "precision", "best test acc", "s to 98%", "s to 99%", "total s"], rows))
+    runs = d.get("train_entry_point")
+    if runs:
+        md.append("\n\n`python -m mnistflow.train` on the GPU (the npm digits, default recipe, 1 epoch):\n")
+        md.append(common.table(["run", "nodes x devices", "precision", "process group", "exit", "accelerator", "world size",
+                                "process wall s", "fit s", "samples/s", "test acc"],
+                               [[r["run"], f"{r['nodes']} x {r['devices']}", r.get("precision"), r.get("process_group_backend"), r.get("rc"),
+                                 r.get("accelerator"), r.get("world_size"), r.get("wall_s"), r.get("fit_s"), r.get("samples_per_s"),
+                                 r.get("test_acc")] for r in runs]))
+        fails = [r for r in runs if r.get("rc") not in (0, None) and r.get("log_tail")]
+        for r in fails:
+            last = [line for line in r["log_tail"].splitlines() if "Duplicate GPU" in line or "Error" in line]
+            md.append(f"\n\n`{r['run']}` failed: {last[-1].strip() if last else 'see gpu json'}")
+    return "\n".join(md) + "\n"
+
+
+def main():
+    for path in sorted(common.RESULTS.glob("gpu_*.json")):
+        text = render(json.loads(path.read_text()))
+        path.with_suffix(".md").write_text(text)
+        print(text)
+
+
+if __name__ == "__main__":
+    main()

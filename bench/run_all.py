@@ -1,0 +1,104 @@
+"""`make bench`: run the CPU benchmarks, then write bench/results/SUMMARY.md from every result file.
+
+    PYTHONPATH=src .venv/bin/python bench/run_all.py [--quick] [--only a,b] [--skip a,b] [--summary-only]
+
+Each benchmark is its own script (bench/<name>.py) run in a fresh process, writing
+bench/results/<name>.json and .md. A new one (bench/slurm_overhead.py, say) joins by being
+added to BENCHMARKS; the summary picks up any results/*.md, including bench/gpu.py's
+gpu_*.json written on a GPU machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+# name -> extra arguments for the full run. Order: cheapest data first.
+BENCHMARKS = {
+    "throughput": [],
+    "time_to_accuracy": [],
+    "ddp_scaling": [],
+    "workflow_overhead": [],
+    # "slurm_overhead": [],  # item 5, on the local Slurm cluster (tests/cluster); not written yet
+}
+
+KEYS = ["ours_over_bare", "ours_over_tutorial", "tta_speedup_over_tutorial", "dry_run_1000_s"]
+
+
+def headline() -> list[str]:
+    out = []
+    r = common.RESULTS
+    if (r / "throughput.json").exists():
+        t = json.loads((r / "throughput.json").read_text())
+        s = t.get("lockstep_samples_per_s", t["samples_per_s"])
+        out.append(f"- Throughput (lockstep, batch {t['batch_size']}, {t['threads']} threads): ours {s['ours']:,.0f}, bare loop {s['bare']:,.0f}, "
+                   f"tutorial {s['tutorial']:,.0f} samples/s; **ours / bare = {t['ours_over_bare']}** (target >= 0.95), "
+                   f"**ours / tutorial = {t['ours_over_tutorial']}**")
+    if (r / "time_to_accuracy.json").exists():
+        t = json.loads((r / "time_to_accuracy.json").read_text())
+        parts = []
+        for name, e in t["datasets"].items():
+            parts.append(f"{name} {e['target']:.0%}: tutorial {e['tutorial']['time_s']} s, ours {e['ours_default']['time_s']} s "
+                         f"(x{e['tta_speedup_over_tutorial']})")
+        out.append(f"- Time to accuracy: {'; '.join(parts)}; **tta_speedup_over_tutorial = {t['tta_speedup_over_tutorial']}** (target >= 3.0)")
+    if (r / "ddp_scaling.json").exists():
+        t = json.loads((r / "ddp_scaling.json").read_text())
+        out.append("- DDP on this machine's cores: " + "; ".join(
+            f"{x['geometry']}: {x['samples_per_s']:,.0f} samples/s (x{x['efficiency_same_cores']})" for x in t["results"]))
+    if (r / "workflow_overhead.json").exists():
+        t = json.loads((r / "workflow_overhead.json").read_text())
+        dr = ", ".join(f"{d['runs']}: {d['seconds']} s" for d in t["dry_run"])
+        line = f"- Dry run by number of runs: {dr} (target: 1,000 under 5 s)"
+        if "chain" in t:
+            c = t["chain"]
+            line += f"; local chain overhead **{c['overhead_fraction']:.1%}** of {c['wall_s']} s wall (target < 15%)"
+        out.append(line)
+    for g in sorted(r.glob("gpu_*.json")):
+        t = json.loads(g.read_text())
+        best = max((x for x in t.get("throughput", []) if "samples_per_s" in x), key=lambda x: x["samples_per_s"], default=None)
+        tta = t.get("time_to_accuracy", {})
+        out.append(f"- GPU ({t['device']}, {t['date'][:10]}): best {best['samples_per_s']:,.0f} samples/s ({best['path']}, batch {best['batch']}); "
+                   f"best test accuracy on the npm digits {tta.get('best_acc')}" if best else f"- GPU {g.name}")
+    return out
+
+
+def summary():
+    parts = ["# Benchmark results\n", f"Written {common.now()} by bench/run_all.py.\n", "## Headline\n", *headline(), ""]
+    for md in sorted(common.RESULTS.glob("*.md")):
+        if md.name != "SUMMARY.md":
+            parts.append(md.read_text())
+    (common.RESULTS / "SUMMARY.md").write_text("\n".join(parts) + "\n")
+    print("\n".join(headline()))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="smoke-test sizes (minutes, numbers not meaningful)")
+    p.add_argument("--only", default="")
+    p.add_argument("--skip", default="")
+    p.add_argument("--summary-only", action="store_true")
+    args = p.parse_args(argv)
+    names = [n for n in BENCHMARKS if (not args.only or n in args.only.split(",")) and n not in args.skip.split(",")]
+    failed = []
+    if not args.summary_only:
+        for name in names:
+            cmd = [common.PYTHON, str(common.BENCH / f"{name}.py"), *(["--quick"] if args.quick else BENCHMARKS[name])]
+            print(f"== {name}: {' '.join(cmd)} (load {common.load_time()})", flush=True)
+            t0 = time.perf_counter()
+            code = subprocess.call(cmd, env=common.env_with_src())
+            print(f"== {name}: exit {code} in {time.perf_counter() - t0:.0f} s", flush=True)
+            if code:
+                failed.append(name)
+    summary()
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

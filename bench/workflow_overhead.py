@@ -1,0 +1,205 @@
+"""Item 4: what the workflow itself costs.
+
+1. `snakemake --dry-run` wall time for 1, 10, 100 and 1,000 runs (a config whose `runs:`
+   holds N entries), in a temporary copy of the workflow; target: 1,000 runs under 5 s.
+2. The whole local chain on the default config (config/config.yaml: a single run and a
+   2-node DDP run), on Fashion-MNIST (60k/10k, full size) from a file:// mirror: its wall
+   time against the sum of its training and evaluation compute (train.json's fit_s, and the
+   test-set prediction, timed separately); target: overhead under 15% of the wall time.
+3. Python import time of each rule's entry point (the modules a run of it imports).
+
+    PYTHONPATH=src .venv/bin/python bench/workflow_overhead.py [--quick] [--skip-chain]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+import yaml  # noqa: E402
+
+SNAKEMAKE = str(Path(common.PYTHON).parent / "snakemake")
+COPY = ["Snakefile", "workflow", "config", "envs", "profiles", "src", ".test"]
+
+# The modules each rule's entry point imports when it runs (module level and inside its functions).
+ENTRY_IMPORTS = {
+    "environment (mnistflow.envinfo)": "import mnistflow.envinfo, torch",
+    "download (mnistflow.data)": "import mnistflow.data, torch, torchvision.datasets",
+    "prepare (mnistflow.data)": "import mnistflow.data, torch",
+    "train / train_ddp (mnistflow.train)": "import mnistflow.train, torch, pytorch_lightning, mnistflow.datamodule, mnistflow.model, pytorch_lightning.loggers",
+    "evaluate (mnistflow.evaluate)": "import mnistflow.evaluate, torch, mnistflow.model, mnistflow.datamodule, matplotlib.pyplot",
+    "summarize (mnistflow.summarize)": "import mnistflow.summarize, matplotlib.pyplot",
+    "(python itself)": "pass",
+}
+
+
+def copy_workflow(dest: Path) -> Path:
+    for name in COPY:
+        src = common.REPO / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__", ".snakemake", "results"))
+        elif src.exists():
+            shutil.copy2(src, dest / name)
+    return dest
+
+
+def sweep_config(n: int, base: dict) -> dict:
+    cfg = json.loads(json.dumps(base))
+    cfg["runs"] = {f"run{i:04d}": {"seed": i, "nodes": 1 + (i % 2), "devices": 1} for i in range(n)}
+    return cfg
+
+
+def no_probe_env(tmp: Path) -> dict:
+    """PATH with an `scontrol` that fails at once.
+
+    snakemake-executor-plugin-slurm runs `scontrol show config` (timeout 10 s) when it is
+    imported, which every snakemake command does, even a local dry run. Where the Slurm
+    client is installed but no controller answers (this machine, outside the cluster tests)
+    that costs ~9 s per command; with no Slurm client, or a live controller, it costs ~nothing.
+    """
+    fake = tmp / "fakebin"
+    fake.mkdir(exist_ok=True)
+    (fake / "scontrol").write_text("#!/bin/sh\nexit 1\n")
+    (fake / "scontrol").chmod(0o755)
+    env = common.env_with_src()
+    env["PATH"] = f"{fake}:{env['PATH']}"
+    return env
+
+
+def dry_runs(sizes, repeats, probe: bool):
+    base = yaml.safe_load((common.REPO / "config" / "config.yaml").read_text())
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        wf = copy_workflow(Path(tmp))
+        env = common.env_with_src() if probe else no_probe_env(Path(tmp))
+        wall, _ = common.run([SNAKEMAKE, "--version"], cwd=wf, env=env)
+        startup = wall
+        for n in sizes:
+            cfg = wf / f"sweep{n}.yaml"
+            cfg.write_text(yaml.safe_dump(sweep_config(n, base)))
+            times, jobs = [], None
+            for _ in range(repeats):
+                wall, p = common.run([SNAKEMAKE, "--dry-run", "--cores", "2", "--configfile", str(cfg), "--quiet", "rules"],
+                                     cwd=wf, env=env)
+                times.append(wall)
+                jobs = _job_count(p.stdout + p.stderr)
+            out.append({"runs": n, "jobs": jobs, "seconds": round(min(times), 2), "each": [round(t, 2) for t in times],
+                        "slurm_probe": probe})
+            print(f"dry-run {n} runs (slurm probe {'on' if probe else 'short-circuited'}): {min(times):.2f} s ({jobs} jobs)", flush=True)
+    return out, round(startup, 2)
+
+
+def _job_count(text: str):
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[0] == "total" and parts[1].isdigit():
+            return int(parts[1])
+    return None
+
+
+def chain(quick: bool):
+    """The default config's whole chain, locally, on Fashion-MNIST from a file:// mirror."""
+    root = common.dataset("fashion")
+    with tempfile.TemporaryDirectory() as tmp:
+        wf = copy_workflow(Path(tmp))
+        overlay = {"dataset": {"name": "fashion_mnist", "mirrors": [f"file://{root / 'raw'}/"]}}
+        if quick:
+            overlay["dataset"]["train_limit"] = 8000
+            overlay["dataset"]["val_size"] = 1000
+        (wf / "overlay.yaml").write_text(yaml.safe_dump(overlay))
+        cmd = [SNAKEMAKE, "--workflow-profile", "profiles/local", "--cores", "2", "--configfile", "config/config.yaml", "overlay.yaml"]
+        # Probe short-circuited: on this machine it adds ~9 s once per snakemake command (see no_probe_env).
+        wall, _ = common.run(cmd, cwd=wf, env=no_probe_env(Path(tmp)))
+        res = wf / "results"
+        jobs = {}
+        for tsv in sorted((res / "benchmarks").rglob("*.tsv")):
+            with open(tsv) as fh:
+                row = next(csv.DictReader(fh, delimiter="\t"))
+            jobs[str(tsv.relative_to(res / "benchmarks"))[:-4]] = float(row["s"])
+        runs = {}
+        from mnistflow.data import load_split
+        from mnistflow.evaluate import load_model, predict
+
+        images, labels = load_split(res / "data" / "fashion_mnist" / "test.pt")
+        for run_dir in sorted((res / "runs").iterdir()):
+            tj = json.loads((run_dir / "train.json").read_text())
+            model = load_model(run_dir / "model.ckpt")
+            predict(model, images[:1000])  # warm-up
+            t0 = time.perf_counter()
+            logits = predict(model, images)
+            eval_s = time.perf_counter() - t0
+            metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
+            runs[run_dir.name] = {"fit_s": tj["fit_s"], "train_s": tj["train_s"], "samples_per_s": tj["samples_per_s"],
+                                  "world_size": tj["world_size"], "predict_s": round(eval_s, 2),
+                                  "test_acc": round(metrics["accuracy"], 4),
+                                  "train_job_s": jobs.get(f"train/{run_dir.name}"), "evaluate_job_s": jobs.get(f"evaluate/{run_dir.name}")}
+        compute = sum(r["fit_s"] + r["predict_s"] for r in runs.values())
+        job_s = sum((r["train_job_s"] or 0) + (r["evaluate_job_s"] or 0) for r in runs.values())
+        return {"wall_s": round(wall, 2), "compute_s": round(compute, 2), "overhead_s": round(wall - compute, 2),
+                "overhead_fraction": round((wall - compute) / wall, 3),
+                "train_and_evaluate_jobs_s": round(job_s, 2),
+                "outside_train_and_evaluate_jobs_fraction": round((wall - job_s) / wall, 3),
+                "runs": runs, "jobs_s": jobs, "slurm_probe": "short-circuited (as installed here it adds ~9 s once)", "data": "Fashion-MNIST" + (" (8,000 images, --quick)" if quick else " 60k/10k")}
+
+
+def import_times(repeats):
+    out = {}
+    for label, stmt in ENTRY_IMPORTS.items():
+        times = []
+        for _ in range(repeats):
+            wall, _ = common.run([common.PYTHON, "-c", stmt], env=common.env_with_src())
+            times.append(wall)
+        out[label] = round(min(times), 2)
+        print(f"import {label}: {min(times):.2f} s", flush=True)
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", default="1,10,100,1000")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--skip-chain", action="store_true")
+    args = p.parse_args(argv)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    record = {"loadavg_start": common.load_time()}
+    record["dry_run"], record["snakemake_version_s"] = dry_runs(sizes, 1 if args.quick else args.repeats, probe=False)
+    record["dry_run_as_installed"], record["snakemake_version_as_installed_s"] = dry_runs([sizes[0], sizes[-1]], 1, probe=True)
+    record["dry_run_1000_s"] = next((d["seconds"] for d in record["dry_run"] if d["runs"] == 1000), None)
+    record["dry_run_1000_as_installed_s"] = next((d["seconds"] for d in record["dry_run_as_installed"] if d["runs"] == 1000), None)
+    record["import_s"] = import_times(1 if args.quick else 3)
+    if not args.skip_chain:
+        record["chain"] = chain(args.quick)
+    md = ("Dry run (`snakemake --dry-run`, whole command, best of runs; half the runs single-process, half 2-node DDP), "
+          "with the Slurm plugin's `scontrol show config` probe short-circuited, and as installed on this machine "
+          "(Slurm client present, no controller running: the probe waits ~9 s at every snakemake start):\n\n")
+    installed = {d["runs"]: d["seconds"] for d in record["dry_run_as_installed"]}
+    md += common.table(["runs", "jobs", "seconds", "seconds as installed"], [[d["runs"], d["jobs"], d["seconds"], installed.get(d["runs"])] for d in record["dry_run"]])
+    md += (f"\n\n(`snakemake --version` alone: {record['snakemake_version_s']} s; as installed "
+           f"{record['snakemake_version_as_installed_s']} s)\n\nImport time of each rule's entry point (fresh process, best of 3):\n\n")
+    md += common.table(["entry point", "seconds"], [[k, v] for k, v in record["import_s"].items()])
+    if "chain" in record:
+        c = record["chain"]
+        md += (f"\n\nThe default config's local chain on {c['data']}: wall {c['wall_s']} s; training + evaluation compute "
+               f"{c['compute_s']} s; overhead **{c['overhead_fraction']:.1%}** of the wall time "
+               f"({c['overhead_s']} s). Outside the train and evaluate jobs altogether: {c['outside_train_and_evaluate_jobs_fraction']:.1%}.\n\n")
+        md += common.table(["run", "processes", "fit s", "predict s", "train job s", "evaluate job s", "samples/s", "test acc"],
+                           [[k, r["world_size"], r["fit_s"], r["predict_s"], r["train_job_s"], r["evaluate_job_s"], r["samples_per_s"], r["test_acc"]]
+                            for k, r in c["runs"].items()])
+        md += "\n\nEvery job (Snakemake `benchmark:` seconds):\n\n" + common.table(["job", "s"], [[k, v] for k, v in c["jobs_s"].items()])
+    common.save("workflow_overhead", record, md)
+
+
+if __name__ == "__main__":
+    main()
