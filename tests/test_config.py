@@ -97,7 +97,7 @@ def test_sweep_expands_into_readable_stable_names():
 def test_sweep_name_clash_and_geometry_checked():
     with pytest.raises(ConfigError, match="also appear under runs"):
         resolve_runs({"runs": {"s_seed-1": {}}, "sweeps": {"s": {"grid": {"seed": [1]}}}})
-    with pytest.raises(ConfigError, match=r"runs.g_nodes-3.batch_size: 128 does not divide"):
+    with pytest.raises(ConfigError, match=r"runs.g_nodes-3.batch_size: 64 does not divide"):
         resolve_runs({"sweeps": {"g": {"grid": {"nodes": [1, 3]}}}})
 
 
