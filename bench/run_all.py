@@ -26,7 +26,7 @@ BENCHMARKS = {
     "time_to_accuracy": [],
     "ddp_scaling": [],
     "workflow_overhead": [],
-    # "slurm_overhead": [],  # item 5, on the local Slurm cluster (tests/cluster); not written yet
+    "slurm_overhead": [],  # on the local Slurm cluster (tests/cluster); needs root
 }
 
 KEYS = ["ours_over_bare", "ours_over_tutorial", "tta_speedup_over_tutorial", "dry_run_1000_s"]

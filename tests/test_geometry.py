@@ -79,3 +79,10 @@ def test_local_launcher_world_size_checked():
     with pytest.raises(GeometryError, match="started 3 process"):
         Geometry(2, 1).check_environment(env)
     assert Geometry(3, 1).check_environment(env)["node_rank"] == 1
+
+
+def test_local_gpu_layout():
+    g = Geometry(2, 2, "auto")
+    assert g.local_gpus(0, 4) == ([0, 1], False) and g.local_gpus(1, 4) == ([2, 3], False)
+    # one GPU, two single-device nodes: both on GPU 0, shared (gloo, not NCCL)
+    assert Geometry(2, 1).local_gpus(1, 1) == ([0], True)

@@ -4,8 +4,10 @@ import pytest
 import torch
 
 from mnistflow.data import load_split
-from mnistflow.datamodule import MNISTDataModule, TensorSplit, normalise
-from mnistflow.model import MLP, ExamplesCNN, MNISTClassifier
+from mnistflow.data import normalise
+from mnistflow.datamodule import MNISTDataModule, TensorSplit
+from mnistflow.model import MNISTClassifier
+from mnistflow.networks import MLP, ExamplesCNN
 
 
 @pytest.mark.parametrize("net", [ExamplesCNN, MLP])

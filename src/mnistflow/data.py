@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import http.client
 import logging
 import os
 import struct
@@ -104,7 +105,9 @@ def fetch(url: str, dest: Path, md5: str, timeout: float) -> None:
                 out.write(block)
                 received += len(block)
         if expected is not None and received != int(expected):
-            raise DataError(f"{url}: received {received} bytes, server announced {expected}")
+            # the transfer broke off: a network error, retried (a wrong checksum is not)
+            raise urllib.error.ContentTooShortError(
+                f"received {received} bytes, server announced {expected} (the transfer broke off)", None)
         got = digest.hexdigest()
         if got != md5:
             raise DataError(f"{url}: MD5 {got} does not match the expected {md5}")
@@ -133,6 +136,9 @@ def download(
     for name in files:
         dest = dest_dir / name
         md5 = source.md5[name]
+        for partial in dest_dir.glob(f".{name}.*.part"):  # left by a download that was killed
+            log.info("%s: removing the partial file of an interrupted download", partial)
+            partial.unlink(missing_ok=True)
         if dest.exists() and md5sum(dest) == md5:
             log.info("%s: present with the expected MD5, kept", dest)
             used[name] = "cached"
@@ -150,7 +156,7 @@ def download(
                     reasons.append(str(err))
                     log.warning("skipping mirror: %s", err)
                     break
-                except (urllib.error.URLError, OSError, ValueError) as err:
+                except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as err:
                     reason = f"{url}: {getattr(err, 'reason', None) or err} (attempt {attempt + 1}/{retries + 1})"
                     reasons.append(reason)
                     log.warning("%s", reason)
@@ -176,8 +182,9 @@ def download(
 
 
 def _is_unreachable(err: Exception) -> bool:
-    # An HTTP error means the host answered; anything else (DNS, refused, timeout) means it did not.
-    return not isinstance(err, urllib.error.HTTPError)
+    # An HTTP error or a broken transfer means the host answered; anything else (DNS, refused,
+    # timeout) means it did not.
+    return not isinstance(err, (urllib.error.HTTPError, urllib.error.ContentTooShortError, http.client.HTTPException))
 
 
 # ---- IDX format ---------------------------------------------------------------------------
@@ -257,6 +264,15 @@ def prepare(raw_dir: str | Path, out_dir: str | Path) -> dict[str, int]:
             torch.save({"images": images, "labels": labels}, tmp)
         counts[split] = len(labels)
     return counts
+
+
+# The MNIST training set's pixel mean and standard deviation (the PyTorch examples' constants).
+MEAN, STD = 0.1307, 0.3081
+
+
+def normalise(images):
+    """uint8 images [N,28,28] -> float32 [N,1,28,28], standardised: what every network sees."""
+    return ((images.float() / 255.0 - MEAN) / STD).unsqueeze(1).contiguous()
 
 
 def load_split(path: str | Path):

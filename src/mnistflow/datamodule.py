@@ -12,16 +12,7 @@ import torch
 import pytorch_lightning as pl
 from torch.utils.data import DataLoader, Dataset
 
-from .data import load_split
-
-# The MNIST training set's pixel mean and standard deviation (the examples' constants).
-MEAN, STD = 0.1307, 0.3081
-
-
-def normalise(images: torch.Tensor) -> torch.Tensor:
-    """uint8 [N,28,28] -> float32 [N,1,28,28], standardised."""
-    return ((images.float() / 255.0 - MEAN) / STD).unsqueeze(1).contiguous()
-
+from .data import load_split, normalise
 
 class TensorSplit(Dataset):
     """(x, y) pairs over in-memory tensors; a batch is fetched by one fancy index."""

@@ -110,6 +110,18 @@ class Geometry:
             args.append(f"--gres=gpu:{self.devices}")
         return args
 
+    def local_gpus(self, node_rank: int, gpu_count: int) -> tuple[list[int], bool]:
+        """GPU indices for one node process of the local launcher, and whether GPUs are shared.
+
+        Every "node" of a local run sees all of this machine's GPUs, so node k takes the k-th
+        slice of `devices` of them. With fewer GPUs than processes the slices wrap around and
+        processes share GPUs, which NCCL refuses: the caller then uses gloo.
+        """
+        if gpu_count < 1:
+            raise ValueError("no GPU to lay out")
+        first = node_rank * self.devices
+        return [(first + k) % gpu_count for k in range(self.devices)], self.world_size > gpu_count
+
     def check_environment(self, env: Mapping[str, str] = os.environ) -> dict:
         """Compare the processes this run was given with the geometry it asked for.
 

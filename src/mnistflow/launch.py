@@ -52,7 +52,11 @@ def relaunch(geometry: Geometry, module: str, argv: Sequence[str], cpus_per_task
     env = {**os.environ, LAUNCHED: "1", WORLD_SIZE: str(geometry.world_size)}
     if in_slurm_allocation():
         srun = geometry.srun_args(cpus_per_task)
-        log.info("launching under Slurm: %s", " ".join(srun))
+        # Lightning derives MASTER_PORT from the job id (15000 + its last 4 digits), which
+        # collides between jobs sharing a node; an explicit free port on this host, the
+        # allocation's first node where rank 0 runs, takes precedence.
+        env.setdefault("MASTER_PORT", str(free_port()))
+        log.info("launching under Slurm: %s (MASTER_PORT %s)", " ".join(srun), env["MASTER_PORT"])
         os.execvpe(srun[0], srun + command, env)
     return run_local(geometry, command, env)
 
@@ -76,17 +80,14 @@ def run_local(geometry: Geometry, command: Sequence[str], env: dict, grace_s: fl
     try:
         failed = None
         while failed is None and any(p.poll() is None for p in procs):
-            for rank, p in enumerate(procs):
-                if p.poll() not in (None, 0):
-                    failed = rank
-                    break
+            failed = _first_failure(procs)
             time.sleep(0.2)
         if failed is None:
-            failed = next((rank for rank, p in enumerate(procs) if p.returncode), None)
+            failed = _first_failure(procs)
         if failed is None:
             return 0
         code = procs[failed].returncode
-        log.error("node rank %d exited with code %s; stopping the other node(s)", failed, code)
+        log.error("node rank %d %s; stopping the other node(s)", failed, _describe(code))
         _stop(procs, grace_s)
         return code if code > 0 else 128 - code
     finally:
@@ -94,14 +95,32 @@ def run_local(geometry: Geometry, command: Sequence[str], env: dict, grace_s: fl
             signal.signal(s, handler)
 
 
+def _first_failure(procs) -> int | None:
+    """The node rank to name among those that failed so far: one killed by a signal (the
+    others then fail because it left the collective), else the lowest; None if none failed."""
+    failed = [rank for rank, p in enumerate(procs) if p.poll() not in (None, 0)]
+    killed = [rank for rank in failed if procs[rank].returncode < 0]
+    return (killed or failed or [None])[0]
+
+
+def _describe(code: int) -> str:
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name} (exit code {code})"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
 def _stop(procs, grace_s: float) -> None:
     for p in procs:
         if p.poll() is None:
             p.terminate()
     deadline = time.monotonic() + grace_s
-    for p in procs:
+    for rank, p in enumerate(procs):
         try:
             p.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
+            log.error("node rank %d did not stop within %g s of SIGTERM (hung, e.g. in a collective); killing it", rank, grace_s)
             p.kill()
             p.wait()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import errno
 import json
 import logging
 import os
@@ -35,6 +36,8 @@ from .launch import relaunch
 EXIT_PREEMPTED = 75
 # The default of --collective-timeout, from the environment (the rules do not pass the option).
 COLLECTIVE_TIMEOUT_ENV = "MNISTFLOW_COLLECTIVE_TIMEOUT_S"
+# Write errors reported as a full disk: no space, quota exceeded, file size limit (ulimit -f).
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 log = logging.getLogger("mnistflow.train")
 
@@ -80,7 +83,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     os.environ["OMP_NUM_THREADS"] = str(threads)
     _choose_gloo_interface()
-    return train(args, run, geometry, granted, threads)
+    try:
+        return train(args, run, geometry, granted, threads)
+    except OSError as err:
+        if err.errno not in DISK_FULL:
+            raise
+        last = Path(args.out) / "checkpoints" / "last.ckpt"
+        log.error("disk full: %s (%s). Every write is atomic, so no output is half-written and %s; "
+                  "free space and rerun to resume", err.strerror, " -> ".join(filter(None, (err.filename, err.filename2))),
+                  f"{last} (the last finished epoch) is intact" if last.exists() else f"no checkpoint was written yet ({last})")
+        return 1
 
 
 def _choose_gloo_interface() -> None:
@@ -113,6 +125,8 @@ def train(args, run: dict, geometry: Geometry, granted: dict, threads: int) -> i
     ckpt_dir = out / "checkpoints"
     last = ckpt_dir / "last.ckpt"
     started = dt.datetime.now(dt.timezone.utc)
+    identity = run_identity(run, args)
+    resume = usable_checkpoint(last, identity, out / "logs")
 
     pl.seed_everything(run["seed"], workers=True, verbose=False)
     data = MNISTDataModule(
@@ -130,8 +144,17 @@ def train(args, run: dict, geometry: Geometry, granted: dict, threads: int) -> i
     if geometry.distributed:
         from pytorch_lightning.strategies import DDPStrategy
 
+        backend = None
+        if granted["launcher"] == "local" and geometry.accelerator != "cpu" and torch.cuda.is_available():
+            # Every local "node" sees all of this machine's GPUs: give each its own slice.
+            trainer_kwargs["devices"], shared = geometry.local_gpus(granted["node_rank"], torch.cuda.device_count())
+            if shared:
+                backend = "gloo"  # NCCL refuses two processes on one GPU
+                log.warning("%d processes share %d GPU(s): using gloo", geometry.world_size, torch.cuda.device_count())
         # A bounded collective timeout: if one rank dies the others fail instead of hanging forever.
-        trainer_kwargs["strategy"] = DDPStrategy(timeout=dt.timedelta(seconds=args.collective_timeout))
+        trainer_kwargs["strategy"] = DDPStrategy(
+            timeout=dt.timedelta(seconds=args.collective_timeout), process_group_backend=backend
+        )
     throughput = make_throughput_callback()
     preemption = make_preemption_callback(args.preempt_signal)
     plugins = [atomic_checkpoint_io()]
@@ -152,6 +175,7 @@ def train(args, run: dict, geometry: Geometry, granted: dict, threads: int) -> i
             ModelCheckpoint(dirpath=ckpt_dir, filename="last", save_top_k=1, enable_version_counter=False),
             throughput,
             preemption,
+            stamp_checkpoints(identity),
         ],
         plugins=plugins,
         enable_progress_bar=False,
@@ -159,7 +183,6 @@ def train(args, run: dict, geometry: Geometry, granted: dict, threads: int) -> i
         deterministic=False,
         log_every_n_steps=10,
     )
-    resume = last if last.exists() else None
     log_dir = out / "logs"
     if resume:
         log.info("resuming from %s", resume)
@@ -254,6 +277,85 @@ def _record_attempt(log_dir: Path, started, resumed_from, outcome: str) -> list[
     with open(path, "a") as fh:
         fh.write(json.dumps(entry) + "\n")
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# The key under which every checkpoint records what it was trained on (run_identity).
+CHECKPOINT_KEY = "mnistflow_run"
+
+
+def run_identity(run: dict, args) -> dict:
+    """What a checkpoint must have been trained on for this run to resume from it."""
+    from .data import md5sum
+
+    return {"settings": run, "val_size": args.val_size, "train_limit": args.train_limit,
+            "train_data_md5": md5sum(args.train_data)}
+
+
+def stamp_checkpoints(identity: dict):
+    import pytorch_lightning as pl
+
+    class StampCheckpoints(pl.Callback):
+        """Records the run's identity in every checkpoint, for usable_checkpoint to compare."""
+
+        def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+            checkpoint[CHECKPOINT_KEY] = identity
+
+    return StampCheckpoints()
+
+
+def usable_checkpoint(last: Path, identity: dict, log_dir: Path) -> Path | None:
+    """`last` if this run can resume from it, else None: training starts at epoch 0.
+
+    A checkpoint that cannot be loaded with weights_only=True (truncated, not a checkpoint,
+    or one that would run pickled code) is "corrupt"; one written for other settings or
+    data (e.g. before a change of lr or epochs) is "foreign". Either is set aside, with the
+    logs of its attempts, as `<name>.<corrupt|foreign>-<time>`, with a warning.
+    """
+    if not last.exists():
+        return None
+    import torch
+
+    try:
+        checkpoint = torch.load(last, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        return None  # set aside meanwhile by the first process
+    except Exception as err:  # noqa: BLE001 - whatever fails to load is not resumed from
+        # torch's reason, without its boilerplate (which suggests loading with weights_only=False)
+        lines = [line.strip() for line in str(err).splitlines() if line.strip() and not line.startswith(
+            ("Weights only load failed", "Please file an issue", "Check the documentation"))]
+        first = (lines or [""])[0][:200]
+        reason, why = "corrupt", f"cannot be loaded with weights_only=True ({type(err).__name__}: {first})"
+    else:
+        if not isinstance(checkpoint, dict) or not {"state_dict", "epoch", "global_step"} <= set(checkpoint):
+            reason, why = "corrupt", "is not a Lightning checkpoint"
+        elif checkpoint.get(CHECKPOINT_KEY) != identity:
+            reason, why = "foreign", f"was written for other settings or data ({_differences(checkpoint.get(CHECKPOINT_KEY), identity)})"
+        else:
+            return last
+    if not _is_first_process():
+        log.warning("%s %s; training starts from epoch 0 (the first process sets it aside)", last, why)
+        return None
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    while any(p.with_name(f"{p.name}.{reason}-{stamp}").exists() for p in (last, log_dir)):
+        stamp += "x"  # never replace an earlier set-aside
+    for path in (last, log_dir):
+        if path.exists():
+            os.replace(path, path.with_name(f"{path.name}.{reason}-{stamp}"))
+    log.warning("%s %s; set aside as %s.%s-%s (with its logs), training starts from epoch 0",
+                last, why, last.name, reason, stamp)
+    return None
+
+
+def _differences(recorded, identity: dict) -> str:
+    if not isinstance(recorded, dict):
+        return "it records no run settings"
+
+    def flat(d):
+        return {**{k: v for k, v in d.items() if k != "settings"},
+                **{f"settings.{k}": v for k, v in (d.get("settings") or {}).items()}}
+
+    old, new = flat(recorded), flat(identity)
+    return ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k))
 
 
 def _is_first_process(env=os.environ) -> bool:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.cluster.slurm import SlurmCluster
+from tests.cluster.slurm import SlurmCluster, SlurmInUse
 
 # One cluster per process: the fixture may be collected twice (imported by tests/conftest.py and
 # by a test module), which gives pytest two session fixtures; they share the running cluster.
@@ -44,6 +44,9 @@ def _cluster_session(**kwargs):
         cluster = SlurmCluster(**kwargs)
         try:
             reason = cluster.start_or_reason()
+        except SlurmInUse as busy:  # another pytest session's cluster: neither use nor stop it
+            _shared["skip_reason"] = f"Slurm test cluster unavailable: {busy}"
+            pytest.skip(_shared["skip_reason"])
         except BaseException:
             cluster.stop()  # leave no half-started daemons; their logs stay in /var/log/slurm
             raise

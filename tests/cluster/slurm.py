@@ -114,6 +114,10 @@ class SlurmUnavailable(RuntimeError):
     """
 
 
+class SlurmInUse(RuntimeError):
+    """Another live process runs the test cluster on this machine; leave it alone."""
+
+
 class SlurmStartError(RuntimeError):
     """Slurm should work here but a daemon did not come up.  Tests must *error*."""
 
@@ -773,7 +777,7 @@ class SlurmCluster:
         except BlockingIOError:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
             os.close(fd)
-            raise SlurmStartError(
+            raise SlurmInUse(
                 f"another live process (pid {holder or '?'}) holds {path}: its Slurm test cluster is in use"
             ) from None
         os.ftruncate(fd, 0)
