@@ -40,6 +40,7 @@ LOCAL_ARGS = ["--workflow-profile", "profiles/local", "--cores", "2"]
 
 
 def copy_workflow(dest: Path) -> Path:
+    dest.mkdir(parents=True)
     for name in WORKFLOW_FILES:
         src = common.REPO / name
         (shutil.copytree if src.is_dir() else shutil.copy2)(src, dest / name)
