@@ -553,8 +553,8 @@ def test_training_killed_mid_epoch_resumes_from_last_ckpt(prepared):
 
 
 def test_preemption_signal_stops_cleanly_and_retry_resumes(prepared):
-    """SIGUSR1 (what Slurm sends before the time limit): the run stops at the next batch,
-    exits 75, and Snakemake's retry resumes from the last finished epoch."""
+    """SIGUSR1 (what Slurm sends before the time limit): the run finishes its epoch, writes
+    that epoch's checkpoint, exits 75, and Snakemake's retry resumes from it."""
     wf = prepared
     wf.write_config("extra.yaml", {"dataset": SHORT, "runs": {"preempted": dict(THREE_EPOCHS)}})
     last = wf.path("results/runs/preempted/checkpoints/last.ckpt")
@@ -564,7 +564,12 @@ def test_preemption_signal_stops_cleanly_and_retry_resumes(prepared):
         assert bg.wait(300) == 0, bg.output()[-5000:]
     out = bg.output()
     assert "SIGUSR1 received at epoch" in out and "exiting 75 so a retry or requeue resumes" in out, out[-5000:]
-    _assert_resumed_to_the_end(wf, "preempted")
+    record = _assert_resumed_to_the_end(wf, "preempted")
+    first, last_attempt = record["attempts"][0], record["attempts"][-1]
+    signalled = int(first["outcome"].split("received at epoch ")[1].split(",")[0])
+    # the checkpoint written on preemption holds the epoch the signal interrupted
+    assert first["outcome"].endswith(f"stopped after saving epoch {signalled}"), record["attempts"]
+    assert last_attempt["outcome"] == "finished" and len(record["attempts"]) == 2
 
 
 def test_dead_or_hung_ddp_rank_fails_in_bounded_time_naming_it_then_resumes(prepared):

@@ -138,7 +138,8 @@ def test_preempted_training_resumes_from_its_checkpoint(slurm_cluster, tmp_path_
     """USR1 (what --signal sends before the time limit) or a requeue mid-run: the run still ends with every epoch."""
     wf = Workflow(copy_workflow(tmp_path_factory.mktemp(f"preempt-{interruption}")), [TEST_CONFIG])
     wf.write_config("mirror.yaml", mirror.overlay())
-    wf.write_config("extra.yaml", {"runs": {"long": {"epochs": 3, "model": "cnn"}}, "dataset": {"train_limit": 3000}})
+    # 4 epochs: the signal comes in epoch 1 or 2, so the run must stop early and be resumed
+    wf.write_config("extra.yaml", {"runs": {"long": {"epochs": 4, "model": "cnn"}}, "dataset": {"train_limit": 3000}})
     # data and environment first, so the timing below concerns training only
     wf.snakemake("results/data/mnist/train.pt", "results/env/train_env.json", *SLURM_ARGS, timeout=300)
     proc = subprocess.Popen(
@@ -155,12 +156,13 @@ def test_preempted_training_resumes_from_its_checkpoint(slurm_cluster, tmp_path_
     out, _ = proc.communicate(timeout=620)
     assert proc.returncode == 0, out[-6000:] + wf.logs_tail()
     record = json.loads(wf.path("results/runs/long/train.json").read_text())
-    assert record["epochs"] == 3
+    assert record["epochs"] == 4
     assert record["resumed_from"] and record["resumed_from"].endswith("last.ckpt")
     attempts = record["attempts"]
     assert attempts[-1]["outcome"] == "finished" and attempts[-1]["resumed_from"].endswith("last.ckpt"), attempts
     if interruption == "signal":
         assert attempts[0]["outcome"].startswith("preempted: SIGUSR1 received at epoch"), attempts
+        assert "stopped after saving epoch" in attempts[0]["outcome"], attempts
         assert attempts[0]["slurm_job_id"] == str(jobid)
         assert len(slurm_jobs(wf)["train/long"]) == 2, slurm_jobs(wf)  # the preempted job and its retry
     else:

@@ -192,8 +192,7 @@ def train(args, run: dict, geometry: Geometry, granted: dict, threads: int) -> i
     try:
         trainer.fit(model, datamodule=data, ckpt_path=resume, weights_only=True)
     except Preempted as stop:
-        log.warning("%s; %s holds the last finished epoch; exiting %d so a retry or requeue resumes",
-                    stop, last, EXIT_PREEMPTED)
+        log.warning("%s (%s); exiting %d so a retry or requeue resumes", stop, last, EXIT_PREEMPTED)
         if trainer.global_rank == 0:
             _record_attempt(log_dir, started, resume, f"preempted: {stop}")
         return EXIT_PREEMPTED
@@ -436,11 +435,15 @@ class Preempted(Exception):
 
 
 def make_preemption_callback(signal_name: str):
-    """Stop cleanly, on every rank at the same step, when the preemption signal arrives.
+    """On the preemption signal, finish the epoch in progress, let ModelCheckpoint write its
+    last.ckpt, then stop every rank before the next epoch.
 
-    The handler only sets a flag. At the next batch end the ranks agree (one all-reduce)
-    and all raise Preempted, so no rank is left waiting in a collective. The partial epoch
-    is dropped; `last.ckpt` from the last finished epoch is the resume point.
+    The handler only sets a flag. At the next batch end the ranks agree on it (one
+    all-reduce), so all of them stop at the same point and none is left waiting in a
+    collective. Stopping at an epoch boundary keeps Lightning's resume exact (a mid-epoch
+    checkpoint would replay or skip batches). Slurm's `--signal=USR1@90` leaves 90 s for
+    that; if the epoch needs longer, the time limit ends the job and the previous
+    last.ckpt, written atomically, is the resume point.
     """
     import signal
 
@@ -452,6 +455,7 @@ def make_preemption_callback(signal_name: str):
     class Preemption(pl.Callback):
         def __init__(self):
             self.received = False
+            self.stop_reason = None
 
         def on_train_start(self, trainer, pl_module):
             signal.signal(signum, self._handle)
@@ -460,12 +464,20 @@ def make_preemption_callback(signal_name: str):
             self.received = True
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if self.stop_reason:
+                return
             flag = self.received
             if trainer.world_size > 1:
                 t = torch.tensor([int(flag)], device=pl_module.device)
                 flag = bool(trainer.strategy.reduce(t, reduce_op="max").item())
             if flag:
-                raise Preempted(f"{signal_name} received at epoch {trainer.current_epoch}, step {trainer.global_step}")
+                epoch = trainer.current_epoch
+                self.stop_reason = f"{signal_name} received at epoch {epoch}, step {trainer.global_step}; stopped after saving epoch {epoch}"
+                log.warning("%s received: finishing epoch %d to save its checkpoint, then stopping", signal_name, epoch)
+
+        def on_train_epoch_start(self, trainer, pl_module):
+            if self.stop_reason:  # the previous epoch ended and its last.ckpt is written
+                raise Preempted(self.stop_reason)
 
     return Preemption()
 
