@@ -148,7 +148,7 @@ def ours(train_pt, batch_size, warmup, measured, threads, seed=42, val_size=5000
     from mnistflow.datamodule import MNISTDataModule
     from mnistflow.geometry import Geometry
     from mnistflow.model import MNISTClassifier
-    from mnistflow.train import make_throughput_callback
+    from mnistflow.callbacks import make_throughput_callback
 
     run = {**RECIPE, "batch_size": batch_size, "seed": seed}
     geometry = Geometry.from_run(run)

@@ -16,9 +16,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
-import shutil
-import statistics
 import sys
 import tempfile
 import time

@@ -410,7 +410,7 @@ CHECKPOINTS = {
 
 @pytest.mark.parametrize("kind", list(CHECKPOINTS))
 def test_unusable_checkpoint_is_set_aside_with_a_warning(kind, tmp_path, caplog):
-    from mnistflow.train import usable_checkpoint
+    from mnistflow.resume import usable_checkpoint
 
     train_pt = tmp_path / "train.pt"
     train_pt.write_bytes(b"training data")
@@ -434,7 +434,7 @@ def test_valid_checkpoint_is_resumed_and_evaluation_refuses_pickled_code(tmp_pat
     import pickle
 
     from mnistflow.evaluate import load_model
-    from mnistflow.train import usable_checkpoint
+    from mnistflow.resume import usable_checkpoint
 
     identity = {"settings": {"lr": 0.003}, "val_size": 0, "train_limit": 0, "train_data_md5": "x"}
     last = tmp_path / "last.ckpt"

@@ -12,7 +12,6 @@ import argparse
 import csv
 import errno
 import io
-import json
 import logging
 import math
 from pathlib import Path
@@ -79,7 +78,6 @@ def scores(cm) -> dict:
 
 
 def evaluate(model_path, test_data, train_log, out_dir, batch_size: int = 1000) -> dict:
-    import torch
     from torch.nn import functional as F
 
     from .data import load_split

@@ -1,0 +1,84 @@
+"""Callbacks of the training run: stopping cleanly on the preemption signal, and throughput."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+log = logging.getLogger("mnistflow.train")
+
+
+class Preempted(Exception):
+    pass
+
+
+def make_preemption_callback(signal_name: str):
+    """On the preemption signal, finish the epoch in progress, let ModelCheckpoint write its
+    last.ckpt, then stop every rank before the next epoch.
+
+    The handler only sets a flag. At the next batch end the ranks agree on it (one
+    all-reduce), so all of them stop at the same point and none is left waiting in a
+    collective. Stopping at an epoch boundary keeps Lightning's resume exact (a mid-epoch
+    checkpoint would replay or skip batches). Slurm's `--signal=USR1@90` leaves 90 s for
+    that; if the epoch needs longer, the time limit ends the job and the previous
+    last.ckpt, written atomically, is the resume point.
+    """
+    import signal
+
+    import pytorch_lightning as pl
+    import torch
+
+    signum = getattr(signal, signal_name)
+
+    class Preemption(pl.Callback):
+        def __init__(self):
+            self.received = False
+            self.stop_reason = None
+
+        def on_train_start(self, trainer, pl_module):
+            signal.signal(signum, self._handle)
+
+        def _handle(self, *_):
+            self.received = True
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if self.stop_reason:
+                return
+            flag = self.received
+            if trainer.world_size > 1:
+                t = torch.tensor([int(flag)], device=pl_module.device)
+                flag = bool(trainer.strategy.reduce(t, reduce_op="max").item())
+            if flag:
+                epoch = trainer.current_epoch
+                self.stop_reason = f"{signal_name} received at epoch {epoch}, step {trainer.global_step}; stopped after saving epoch {epoch}"
+                log.warning("%s received: finishing epoch %d to save its checkpoint, then stopping", signal_name, epoch)
+
+        def on_train_epoch_start(self, trainer, pl_module):
+            if self.stop_reason:  # the previous epoch ended and its last.ckpt is written
+                raise Preempted(self.stop_reason)
+
+    return Preemption()
+
+
+def make_throughput_callback():
+    import pytorch_lightning as pl
+
+    class Throughput(pl.Callback):
+        """Samples this process trained, and the seconds from each epoch's start to its last batch
+        (data fetching included, validation excluded)."""
+
+        def __init__(self):
+            self.samples = 0
+            self.seconds = 0.0
+            self._t = None
+
+        def on_train_epoch_start(self, trainer, pl_module):
+            self._t = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            now = time.perf_counter()
+            self.seconds += now - self._t
+            self._t = now
+            self.samples += len(batch[1])
+
+    return Throughput()
