@@ -169,15 +169,3 @@ def test_preempted_training_resumes_from_its_checkpoint(slurm_cluster, tmp_path_
         # requeue kills the job's processes without warning and starts the same job again
         assert int(slurm_cluster.scontrol_show_job(jobid)["Restarts"]) == 1
         assert attempts[-1]["slurm_job_id"] == str(jobid)
-
-
-def test_geometry_the_partition_cannot_hold_is_refused_at_submission(slurm_cluster, tmp_path_factory, mirror):
-    """3 devices per node on nodes with 2 GPUs: sbatch refuses the job and says why, before anything runs."""
-    wf = Workflow(copy_workflow(tmp_path_factory.mktemp("too-wide")), [TEST_CONFIG])
-    wf.write_config("mirror.yaml", mirror.overlay())
-    wf.write_config("extra.yaml", {"runs": {"wide": {"nodes": 2, "devices": 3, "batch_size": 96}}})
-    result = wf.snakemake("results/runs/wide/train.json", *SLURM_ARGS, check=False, timeout=300)
-    out = result.stdout + result.stderr
-    assert result.returncode != 0
-    assert "Requested node configuration is not available" in out or "Invalid generic resource" in out, out[-4000:]
-    assert not wf.path("results/runs/wide/train.json").exists()
