@@ -6,12 +6,11 @@ import sys
 
 from snakemake.exceptions import WorkflowError
 
-# Rules run `python -m mnistflow.<step>`: make the package importable here and in every
-# job's environment (the .venv, a conda env, a Slurm job) without installing it there.
-# It replaces any PYTHONPATH of the caller, so a job never mixes in another environment's packages.
+# The package, importable here at parse time; every job gets it on PYTHONPATH through the
+# shell prefix at the end of this file (the .venv, a conda env, a Slurm job), without
+# installing it there.
 SRC = os.path.join(workflow.basedir, "src")
 sys.path.insert(0, SRC)
-os.environ.update(PYTHONPATH=SRC)
 
 from mnistflow.codedigest import code_digest
 from mnistflow.config import ConfigError, resolve_runs
@@ -85,7 +84,7 @@ def shell_prefix(modules, src):
       `module purge && module load M; <command>`: a failed load is printed and the command
       runs anyway, with whatever software is on PATH. The check also fails a job that
       ran without --sdm env-modules while modules are configured.
-    * PYTHONPATH again: Snakemake removes it from jobs that run in a conda environment.
+    * PYTHONPATH, for every job (Snakemake removes an inherited one from jobs in a conda env).
     """
     check = ""
     if modules:
