@@ -684,18 +684,24 @@ def test_twenty_run_sweep_never_oversubscribes_two_cores(prepared):
     wf.write_config("extra.yaml", {"dataset": {"train_limit": 300, "val_size": 100},
                                    "sweeps": {"tiny": {"settings": {"model": "mlp", "epochs": 1}, "grid": grid}}})
     runs = [f"tiny_lr-{lr}_seed-{seed}" for lr in grid["lr"] for seed in grid["seed"]]
-    samples: list[dict[int, int]] = []  # {pid: threads} of the jobs running at one instant
+    samples: list[dict[str, int]] = []  # {run: threads} of the jobs running at one instant
     done = threading.Event()
 
     def sample():
         while not done.is_set():
-            running = {}
+            found = {}
             for pid in job_processes(wf, "train"):
                 try:
                     args = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
-                    running[pid] = int(args[args.index("--threads") + 1])
+                    found[pid] = (args[args.index("--run") + 1], int(args[args.index("--threads") + 1]))
                 except (OSError, ValueError, IndexError):
                     continue
+            # A scan of /proc is not one instant: keep only processes still alive once it ends. A job is
+            # counted once, since a forked child (the `git` probe before it execs) shows its parent's cmdline.
+            running = {}
+            for pid, (run, threads) in found.items():
+                if Path(f"/proc/{pid}").exists():
+                    running[run] = max(threads, running.get(run, 0))
             samples.append(running)
             time.sleep(0.1)
 
@@ -713,6 +719,6 @@ def test_twenty_run_sweep_never_oversubscribes_two_cores(prepared):
         assert json.loads(wf.path(f"results/runs/{run}/train.json").read_text())["threads_per_process"] == 1
     most = max(samples, key=lambda running: sum(running.values()))
     print(f"20-run sweep: trained in {elapsed:.0f} s on --cores 2; most threads at once: {sum(most.values())} "
-          f"({len(samples)} samples, {len({pid for running in samples for pid in running})} training processes seen)")
+          f"({len(samples)} samples, {len({run for running in samples for run in running})} training jobs seen)")
     assert sum(most.values()) <= 2, f"more threads than cores: {most}"
     assert sum(most.values()) == 2, "the two cores were never both used"
