@@ -2,7 +2,7 @@
 
 import pytest
 
-from mnistflow.geometry import Geometry, GeometryError
+from mnistflow.geometry import Geometry, GeometryError, PartitionNodes
 
 
 def test_single_device():
@@ -86,3 +86,41 @@ def test_local_gpu_layout():
     assert g.local_gpus(0, 4) == ([0, 1], False) and g.local_gpus(1, 4) == ([2, 3], False)
     # one GPU, two single-device nodes: both on GPU 0, shared (gloo, not NCCL)
     assert Geometry(2, 1).local_gpus(1, 1) == ([0], True)
+
+
+SINFO = """\
+g1|gpu:a100:4(S:0-1)|gpu*
+g2|gpu:a100:4(S:0,1),mps:400|gpu*
+g3|gpu:2|gpu*
+c1|(null)|cpu
+c2|(null)|cpu
+"""
+
+
+def test_partition_nodes_from_sinfo():
+    assert PartitionNodes.from_sinfo(SINFO, "gpu").gpus == (4, 4, 2)
+    assert PartitionNodes.from_sinfo(SINFO).name == "gpu"  # the default partition, marked *
+    assert PartitionNodes.from_sinfo(SINFO, "cpu").gpus == (0, 0)
+    with pytest.raises(GeometryError, match=r"no partition 'gpus' \(sinfo lists \['cpu', 'gpu'\]\)"):
+        PartitionNodes.from_sinfo(SINFO, "gpus")
+
+
+@pytest.mark.parametrize(
+    "geometry, partition, problem",
+    [
+        (Geometry(2, 4, "gpu"), "gpu", None),
+        (Geometry(3, 2, "auto"), "gpu", None),
+        (Geometry(3, 4, "gpu"), "gpu", "3 node(s) with 4 GPU(s) each (`nodes`, `devices`), but Slurm partition 'gpu' "
+                                       "has 2 such node(s) (3 node(s): 2 with 4 GPU(s), 1 with 2 GPU(s))"),
+        (Geometry(1, 8, "gpu"), "gpu", "has 0 such node(s)"),
+        (Geometry(1, 1, "auto"), "cpu", "1 node(s) with 1 GPU(s) each"),  # auto asks Slurm for GPUs
+        (Geometry(2, 2, "cpu"), "cpu", None),
+        (Geometry(3, 1, "cpu"), "cpu", "3 node(s) (`nodes`), but Slurm partition 'cpu' has 2 such node(s)"),
+    ],
+)
+def test_partition_problem(geometry, partition, problem):
+    found = geometry.partition_problem(PartitionNodes.from_sinfo(SINFO, partition))
+    if problem is None:
+        assert found is None
+    else:
+        assert problem in found

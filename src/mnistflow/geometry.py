@@ -8,12 +8,18 @@ This module turns it into the three things that must agree:
 * the process layout of a launch, under srun or the local launcher (`srun_args`,
   `check_environment`).
 
+`PartitionNodes` holds what a Slurm partition's nodes offer (from `sinfo`), so a geometry that
+no node of the partition can hold is refused before anything is submitted: Slurm itself
+accepts such a job and leaves it pending for ever (reason PartitionConfig).
+
 It imports nothing heavy: the Snakefile calls it at parse time.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import subprocess
 from dataclasses import asdict, dataclass
 from typing import Mapping
 
@@ -91,6 +97,21 @@ class Geometry:
             res["gres"] = f"gpu:{self.devices}"
             res["tasks_per_gpu"] = 0
         return res
+
+    def partition_problem(self, partition: "PartitionNodes") -> str | None:
+        """Why no allocation of `partition` can hold this geometry, or None if one can."""
+        if self.requests_gpus:
+            fitting = sum(g >= self.devices for g in partition.gpus)
+            need = f"{self.nodes} node(s) with {self.devices} GPU(s) each (`nodes`, `devices`)"
+        else:
+            fitting = len(partition.gpus)
+            need = f"{self.nodes} node(s) (`nodes`)"
+        if fitting >= self.nodes:
+            return None
+        return (
+            f"it asks for {need}, but Slurm partition '{partition.name}' has {fitting} such node(s) "
+            f"({partition.describe()})"
+        )
 
     # ---- reader 3: the launch -------------------------------------------------------------
     def srun_args(self, cpus_per_task: int) -> list[str]:
@@ -177,3 +198,53 @@ def _visible_gpus(env: Mapping[str, str]) -> int | None:
     if visible is None:
         return None
     return len([d for d in visible.split(",") if d.strip()])
+
+
+@dataclass(frozen=True)
+class PartitionNodes:
+    """The GPUs of each node of one Slurm partition."""
+
+    name: str
+    gpus: tuple[int, ...]
+
+    def describe(self) -> str:
+        counts = sorted(set(self.gpus), reverse=True)
+        per = ", ".join(f"{sum(g == c for g in self.gpus)} with {c} GPU(s)" for c in counts)
+        return f"{len(self.gpus)} node(s): {per}" if self.gpus else "no nodes"
+
+    @classmethod
+    def from_sinfo(cls, text: str, partition: str | None = None) -> "PartitionNodes":
+        """Parse `sinfo --noheader --Node --format=%N|%G|%P`; `partition` None: Slurm's default one."""
+        rows = []
+        for line in text.splitlines():
+            if line.strip():
+                node, gres, part = line.strip().split("|")
+                rows.append((node, gres, part))
+        if partition is None:
+            defaults = {part.rstrip("*") for _, _, part in rows if part.endswith("*")}
+            if len(defaults) != 1:
+                raise GeometryError("Slurm has no default partition: set the slurm_partition resource")
+            partition = defaults.pop()
+        nodes = {node: _gpus_in_gres(gres) for node, gres, part in rows if part.rstrip("*") == partition}
+        if not nodes:
+            known = sorted({part.rstrip("*") for _, _, part in rows})
+            raise GeometryError(f"Slurm has no partition '{partition}' (sinfo lists {known})")
+        return cls(partition, tuple(nodes[n] for n in sorted(nodes)))
+
+    @classmethod
+    def query(cls, partition: str | None = None, timeout: float = 20) -> "PartitionNodes":
+        out = subprocess.run(
+            ["sinfo", "--noheader", "--Node", "--format=%N|%G|%P"],
+            capture_output=True, text=True, timeout=timeout, check=True,
+        ).stdout
+        return cls.from_sinfo(out, partition)
+
+
+def _gpus_in_gres(gres: str) -> int:
+    """GPUs in a node's sinfo GRES: "gpu:2", "gpu:a100:4(S:0-1)", "gpu:2,mps:100", "(null)"."""
+    total = 0
+    for item in re.split(r",(?![^(]*\))", gres):  # commas inside "(S:0,1)" do not separate
+        fields = item.split("(")[0].split(":")
+        if fields[0] == "gpu" and len(fields) >= 2 and fields[-1].isdigit():
+            total += int(fields[-1])
+    return total

@@ -2,9 +2,11 @@ import json
 import os
 import re
 import shlex
+import subprocess
 import sys
 
 from snakemake.exceptions import WorkflowError
+from snakemake.logging import logger
 
 # The package, importable here at parse time; every job gets it on PYTHONPATH through the
 # shell prefix at the end of this file (the .venv, a conda env, a Slurm job), without
@@ -16,7 +18,7 @@ from mnistflow.codedigest import code_digest
 from mnistflow.config import ConfigError, resolve_runs
 from mnistflow.data import DOWNLOAD_ENV, FILES
 from mnistflow.envinfo import package_versions
-from mnistflow.geometry import Geometry
+from mnistflow.geometry import Geometry, GeometryError, PartitionNodes
 
 try:
     RUNS = resolve_runs(config)
@@ -50,6 +52,37 @@ def runs_where(distributed):
 def slurm_resource(name, default=None):
     """A rule resource computed from the run's geometry (see mnistflow.geometry)."""
     return lambda wildcards: geometry(wildcards).slurm_resources().get(name, default)
+
+
+def refuse_runs_no_partition_holds(jobs):
+    """Before a Slurm run submits anything: every training job's geometry fits its partition.
+
+    Slurm accepts a job no node can hold and leaves it pending (PartitionConfig) while
+    Snakemake waits. A dry run does not ask Slurm, so this runs at the start of a real one.
+    """
+    if workflow.executor_plugin is None or workflow.executor_plugin.name != "slurm":
+        return
+    partitions = {}
+    for job in jobs:
+        if job.rule.name not in ("train", "train_ddp"):
+            continue
+        partition = job.resources.get("slurm_partition") or None
+        try:
+            if partition not in partitions:
+                partitions[partition] = PartitionNodes.query(partition)
+        except (OSError, subprocess.SubprocessError) as err:
+            logger.warning(
+                f"mnistflow: could not ask sinfo what the partition holds: {err}"
+            )
+            return
+        except GeometryError as err:
+            raise WorkflowError(f"run '{job.wildcards.run}': {err}") from None
+        problem = geometry(job.wildcards).partition_problem(partitions[partition])
+        if problem:
+            raise WorkflowError(
+                f"config: run '{job.wildcards.run}': {problem}. Nothing was submitted; "
+                "lower the run's `devices` or `nodes`, or choose another slurm_partition."
+            )
 
 
 def directory_of(path_or_list):

@@ -22,6 +22,10 @@ TRAIN_SHELL = (
 )
 
 
+onstart:
+    refuse_runs_no_partition_holds(workflow.dag.needrun_jobs())
+
+
 rule train:
     """One process on one device (a GPU when there is one)."""
     input:
