@@ -2,12 +2,16 @@
 
 import gzip
 import hashlib
+import os
 import socket
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from mnistflow import data, offline
+from tests.conftest import REPO
 from mnistflow.data import DataError, DatasetSource, DownloadError, FILES
 
 
@@ -90,8 +94,23 @@ def test_known_sources_come_from_torchvision():
     assert mnist.mirrors == tuple(datasets.MNIST.mirrors)
     assert mnist.md5 == dict(datasets.MNIST.resources)
     assert data.known_source("fashion_mnist").md5 == dict(datasets.FashionMNIST.resources)
+    assert data.known_source("fashion_mnist").mirrors == tuple(datasets.FashionMNIST.mirrors)
     with pytest.raises(DataError, match="dataset.name: unknown dataset 'kmnist'"):
         data.known_source("kmnist")
+
+
+def test_known_sources_are_read_without_importing_torchvision():
+    """The download step reads torchvision's source; importing it would cost ~3 s (torch, torch._dynamo)."""
+    code = ("import sys; from mnistflow import data; s = data.known_source('mnist'); "
+            "assert len(s.md5) == 4 and s.mirrors; assert 'torchvision' not in sys.modules and 'torch' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+
+
+def test_known_sources_fall_back_to_importing_torchvision(monkeypatch):
+    monkeypatch.setattr(data, "_torchvision_class_literals", lambda cls: None)
+    from torchvision import datasets
+
+    assert data.known_source("mnist").md5 == dict(datasets.MNIST.resources)
 
 
 def test_md5_override_names_the_key():

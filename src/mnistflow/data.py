@@ -1,7 +1,9 @@
 """MNIST-format data: known datasets, checksummed downloads, IDX parsing, tensor files.
 
 Mirrors and MD5 checksums are torchvision's own (`torchvision.datasets.MNIST` and
-`FashionMNIST`), read at download time, so this project keeps no second copy of them.
+`FashionMNIST`), read at download time, so this project keeps no second copy of them. They
+are read from torchvision's source rather than imported: importing torchvision costs the
+download step about 3 s (it imports torch and torch._dynamo) for two class attributes.
 """
 
 from __future__ import annotations
@@ -56,18 +58,52 @@ class DatasetSource:
     md5: Mapping[str, str]
 
 
+TORCHVISION_CLASSES = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
+
+
 def known_source(name: str) -> DatasetSource:
     """torchvision's mirrors and checksums for a dataset named in config."""
+    if name not in TORCHVISION_CLASSES:
+        raise DataError(f"dataset.name: unknown dataset {name!r}; expected one of {sorted(TORCHVISION_CLASSES)}")
+    cls = TORCHVISION_CLASSES[name]
+    attributes = _torchvision_class_literals(cls) or _torchvision_class_imported(cls)
+    md5 = dict(attributes["resources"])
+    if set(md5) != set(FILES):
+        raise DataError(f"torchvision's {cls} lists files {sorted(md5)}, expected {sorted(FILES)}")
+    return DatasetSource(name, tuple(attributes["mirrors"]), md5)
+
+
+def _torchvision_class_literals(cls: str) -> dict | None:
+    """`mirrors` and `resources` as written in torchvision/datasets/mnist.py; None if they are not plain literals."""
+    import ast
+    import importlib.util
+
+    spec = importlib.util.find_spec("torchvision")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    source = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "mnist.py"
+    try:
+        tree = ast.parse(source.read_text())
+    except (OSError, SyntaxError):
+        return None
+    found = {}
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name == cls:
+            for stmt in node.body:
+                if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name):
+                    if stmt.targets[0].id in ("mirrors", "resources"):
+                        try:
+                            found[stmt.targets[0].id] = ast.literal_eval(stmt.value)
+                        except ValueError:
+                            return None
+    return found if set(found) == {"mirrors", "resources"} else None
+
+
+def _torchvision_class_imported(cls: str) -> dict:
     from torchvision import datasets
 
-    classes = {"mnist": datasets.MNIST, "fashion_mnist": datasets.FashionMNIST}
-    if name not in classes:
-        raise DataError(f"dataset.name: unknown dataset {name!r}; expected one of {sorted(classes)}")
-    cls = classes[name]
-    md5 = dict(cls.resources)
-    if set(md5) != set(FILES):
-        raise DataError(f"torchvision's {cls.__name__} lists files {sorted(md5)}, expected {sorted(FILES)}")
-    return DatasetSource(name, tuple(cls.mirrors), md5)
+    dataset = getattr(datasets, cls)
+    return {"mirrors": dataset.mirrors, "resources": dataset.resources}
 
 
 def resolve_source(name: str, mirrors: Sequence[str] | None = None, md5: Mapping[str, str] | None = None) -> DatasetSource:
