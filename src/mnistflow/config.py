@@ -20,7 +20,9 @@ from .geometry import Geometry
 # - batch 64: on a 2-core CPU it trains 1.20x the samples/s of batch 128 (conv2's
 #   activations stay in cache; throughput.json) and gives twice the steps per epoch, which
 #   reached 95% on the npm digits in one epoch where 128 needed two (time_to_accuracy.json).
-#   On a GPU, larger batches pay: set batch_size (and lr) per run there.
+#   On a GPU, larger batches pay: set batch_size (and lr) per run there. On an H200 with the
+#   full MNIST, batch 512, lr 0.01, 3 epochs, precision bf16-mixed reached 99.04% test
+#   accuracy in a 3.1 s fit; the examples' recipe needed 9x longer to 99% (gpu_h200_mnist.md).
 RECIPE = {
     "model": "cnn",
     "optimizer": "adamw",
