@@ -62,10 +62,17 @@ def headline() -> list[str]:
         out.append(line)
     for g in sorted(r.glob("gpu_*.json")):
         t = json.loads(g.read_text())
+        if "torch" not in t:  # gpu_entrypoint.json: quoted by its own .md
+            continue
         best = max((x for x in t.get("throughput", []) if "samples_per_s" in x), key=lambda x: x["samples_per_s"], default=None)
         tta = t.get("time_to_accuracy", {})
-        out.append(f"- GPU ({t['device']}, {t['date'][:10]}): best {best['samples_per_s']:,.0f} samples/s ({best['path']}, batch {best['batch']}); "
-                   f"best test accuracy on the npm digits {tta.get('best_acc')}" if best else f"- GPU {g.name}")
+        parts = [f"best {best['samples_per_s']:,.0f} samples/s ({best['path']}, batch {best['batch']})"] if best else []
+        if tta:
+            parts.append(f"best test accuracy {tta['best_acc']} ({tta['data']})")
+            if tta.get("fastest_to_99"):
+                parts.append(f"99% in {tta['fastest_to_99']['s_to_99']} s, "
+                             f"x{tta.get('tta99_speedup_over_tutorial_recipe')} the tutorial's recipe")
+        out.append(f"- GPU ({t['device']}, {t['date'][:10]}, {g.name}): " + "; ".join(parts))
     return out
 
 
