@@ -2,9 +2,11 @@
 # On a lent GPU machine: the workflow's own entry points on a real CUDA device.
 #   python -m mnistflow.train: 1 process on 1 GPU, and DDP as 2 local node processes
 #   (which share the one GPU: gloo), then python -m mnistflow.evaluate on the GPU.
-# Data: .gpudata/{train,test}.pt (bench/gpu_data.py), carried with the run. Results: $OUT.
+# Data: .gpudata/raw/*.gz (bench/gpu_data.py), carried with the run and prepared here as the
+# prepare rule does. Results: $OUT.
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
+[ -f .gpudata/test.pt ] || python3 -c "from mnistflow.data import prepare; prepare('.gpudata/raw', '.gpudata')" || exit 1
 OUT=${OUT:-/tmp/gpu-entrypoint}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/device.txt"
 base='{"name":"g","model":"cnn","optimizer":"adamw","lr":0.003,"weight_decay":0.0001,"schedule":"onecycle","batch_size":512,"epochs":2,"seed":42,"precision":"bf16-mixed","accelerator":"gpu"'
