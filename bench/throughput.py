@@ -44,20 +44,27 @@ def recipe_optimizer(model, steps, lr=0.003, wd=0.0001):
 def timed_loop(batches, step, warmup, measured, batch_size):
     """Run warmup + measured steps; the clock runs from the end of step `warmup` to the end of the last."""
     t0 = None
-    n = 0
     for i, (x, y) in enumerate(batches):
         step(x, y)
         if i + 1 == warmup:
             t0 = time.perf_counter()
         if i + 1 == warmup + measured:
             break
-        n = i + 1
     return measured * batch_size / (time.perf_counter() - t0)
 
 
 def cycle(loader):
     while True:
         yield from loader
+
+
+def shuffled_batches(x, y, batch_size):
+    """In-memory batches, a fresh permutation each epoch, for ever (the bare loop's data path)."""
+    while True:
+        perm = torch.randperm(len(y))
+        for s in range(0, len(y) - batch_size + 1, batch_size):
+            idx = perm[s : s + batch_size]
+            yield x[idx], y[idx]
 
 
 def tutorial(root, batch_size, warmup, measured, seed=42):
@@ -116,20 +123,13 @@ def bare(x, y, batch_size, warmup, measured, seed=42, channels_last=False, compi
         opt.step()
         sched.step()
 
-    def batches():
-        while True:
-            perm = torch.randperm(len(y))
-            for s in range(0, len(y) - batch_size + 1, batch_size):
-                idx = perm[s : s + batch_size]
-                yield x[idx], y[idx]
-
     t_compile = None
     if compile_:
         t0 = time.perf_counter()
-        xb, yb = next(batches())
+        xb, yb = next(shuffled_batches(x, y, batch_size))
         step(xb, yb)
         t_compile = time.perf_counter() - t0
-    sps = timed_loop(batches(), step, warmup, measured, batch_size)
+    sps = timed_loop(shuffled_batches(x, y, batch_size), step, warmup, measured, batch_size)
     return (sps, t_compile) if compile_ else sps
 
 
@@ -211,14 +211,7 @@ def lockstep(train_pt, tv_root, x, y, batch_size, warmup, measured, threads, see
         m = ExamplesCNN().train()
         models[name] = (m, *recipe_optimizer(m, total))
 
-    def bare_batches():
-        while True:
-            perm = torch.randperm(len(y))
-            for s in range(0, len(y) - batch_size + 1, batch_size):
-                idx = perm[s : s + batch_size]
-                yield x[idx], y[idx]
-
-    source = {"tutorial": tut_batches, "bare": bare_batches()}
+    source = {"tutorial": tut_batches, "bare": shuffled_batches(x, y, batch_size)}
     times = {"ours": [], "tutorial": [], "bare": []}
 
     def step(name):

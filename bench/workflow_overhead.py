@@ -122,7 +122,7 @@ def chain(quick: bool):
             model = load_model(run_dir / "model.ckpt")
             predict(model, images[:1000])  # warm-up
             t0 = time.perf_counter()
-            logits = predict(model, images)
+            predict(model, images)
             eval_s = time.perf_counter() - t0
             metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
             runs[run_dir.name] = {"fit_s": tj["fit_s"], "train_s": tj["train_s"], "samples_per_s": tj["samples_per_s"],
