@@ -149,6 +149,18 @@ def planned(dry_run_stdout: str) -> dict[str, str]:
     return jobs
 
 
+def dry_run_with_edit(wf: CondaWorkflow, relpath: str, old: str, new: str) -> str:
+    """A dry run's stdout with `old` replaced by `new` in one file, which is restored after."""
+    path = wf.path(relpath)
+    original = path.read_text()
+    assert old in original, f"{relpath} has no {old!r}"
+    try:
+        path.write_text(original.replace(old, new))
+        return wf.snakemake("--dry-run").stdout
+    finally:
+        path.write_text(original)
+
+
 def recorded_envs(wf: CondaWorkflow) -> dict[str, set[str]]:
     """rule -> the env files its outputs were made with, from Snakemake's metadata records.
 
@@ -252,27 +264,14 @@ def test_second_run_reuses_the_environment(chain, conda_double):
 
 
 def test_editing_report_env_reruns_only_summarize(chain):
-    wf = chain.wf
-    report = wf.path("envs/report.yaml")
-    original = report.read_text()
-    try:
-        report.write_text(original.replace("tinytool==2.0", "tinytool==3.0"))
-        jobs = planned(wf.snakemake("--dry-run").stdout)
-    finally:
-        report.write_text(original)
+    jobs = planned(dry_run_with_edit(chain.wf, "envs/report.yaml", "tinytool==2.0", "tinytool==3.0"))
     assert set(jobs) == {"summarize", "all"}, jobs
     assert SOFTWARE_CHANGED in jobs["summarize"]
 
 
 def test_editing_train_env_reruns_the_torch_rules(chain):
     wf = chain.wf
-    train = wf.path("envs/train.yaml")
-    original = train.read_text()
-    try:
-        train.write_text(original.replace("tinytool=1.0", "tinytool=2.0"))
-        jobs = planned(wf.snakemake("--dry-run").stdout)
-    finally:
-        train.write_text(original)
+    jobs = planned(dry_run_with_edit(wf, "envs/train.yaml", "tinytool=1.0", "tinytool=2.0"))
     # Every rule made with envs/train.yaml reruns (see recorded_envs); Snakemake names the
     # software change for the first jobs of the chain and "updated input" for those after them.
     assert set(jobs) == TORCH_RULES | {"summarize", "all"}, jobs
@@ -280,13 +279,7 @@ def test_editing_train_env_reruns_the_torch_rules(chain):
     assert all(SOFTWARE_CHANGED in jobs[r] or "Input files updated by another job" in jobs[r] for r in jobs)
 
     # the CUDA env file is not declared with software.variant: cpu, so editing it changes nothing
-    cuda = wf.path("envs/train-cuda.yaml")
-    original = cuda.read_text()
-    try:
-        cuda.write_text(original.replace("tinytool=3.0", "tinytool=2.0"))
-        assert "Nothing to be done" in wf.snakemake("--dry-run").stdout
-    finally:
-        cuda.write_text(original)
+    assert "Nothing to be done" in dry_run_with_edit(wf, "envs/train-cuda.yaml", "tinytool=3.0", "tinytool=2.0")
 
 
 def test_cuda_variant_declares_train_cuda(chain, conda_double):
