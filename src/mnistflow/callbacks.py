@@ -16,10 +16,10 @@ def make_preemption_callback(signal_name: str):
     """On the preemption signal, finish the epoch in progress, let ModelCheckpoint write its
     last.ckpt, then stop every rank before the next epoch.
 
-    The handler only sets a flag. At the next batch end the ranks agree on it (one
-    all-reduce), so all of them stop at the same point and none is left waiting in a
-    collective. Stopping at an epoch boundary keeps Lightning's resume exact (a mid-epoch
-    checkpoint would replay or skip batches). Slurm's `--signal=USR1@90` leaves 90 s for
+    The handler only sets a flag. At the epoch's last batch the ranks agree on it (one
+    all-reduce an epoch: one a step slowed a small network's DDP), so all of them stop at
+    the same point and none is left waiting in a collective. Stopping at an epoch boundary
+    keeps Lightning's resume exact (a mid-epoch checkpoint would replay or skip batches). Slurm's `--signal=USR1@90` leaves 90 s for
     that; if the epoch needs longer, the time limit ends the job and the previous
     last.ckpt, written atomically, is the resume point.
     """
@@ -42,7 +42,7 @@ def make_preemption_callback(signal_name: str):
             self.received = True
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            if self.stop_reason:
+            if self.stop_reason or not trainer.is_last_batch:
                 return
             flag = self.received
             if trainer.world_size > 1:
@@ -51,7 +51,7 @@ def make_preemption_callback(signal_name: str):
             if flag:
                 epoch = trainer.current_epoch
                 self.stop_reason = f"{signal_name} received at epoch {epoch}, step {trainer.global_step}; stopped after saving epoch {epoch}"
-                log.warning("%s received: finishing epoch %d to save its checkpoint, then stopping", signal_name, epoch)
+                log.warning("%s received: saving epoch %d's checkpoint, then stopping", signal_name, epoch)
 
         def on_train_epoch_start(self, trainer, pl_module):
             if self.stop_reason:  # the previous epoch ended and its last.ckpt is written

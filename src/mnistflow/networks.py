@@ -30,6 +30,32 @@ class ExamplesCNN(nn.Module):
         return self.fc2(x)
 
 
+class FastCNN(nn.Module):
+    """The default: conv16-BN-pool, conv32-BN-pool, fc10.
+
+    Pooling after each convolution keeps the second one on 14x14 maps, so a sample costs
+    ~6 MFLOP forward and backward against the examples CNN's ~72: ~4x its samples/s on a
+    2-core CPU. Batch norm lets it take a 3x higher learning rate. On MNIST it reaches 99%
+    test accuracy in 2 epochs (bench/results/time_to_accuracy.md).
+    """
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.features = nn.Sequential(
+            *_conv_bn_relu(1, 16), nn.MaxPool2d(2),
+            *_conv_bn_relu(16, 32), nn.MaxPool2d(2),
+        )
+        self.classifier = nn.Linear(32 * 7 * 7, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.features(x), 1))
+
+
+def _conv_bn_relu(cin: int, cout: int) -> list[nn.Module]:
+    # No conv bias: the batch norm that follows has its own.
+    return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+
 class MLP(nn.Module):
     """A small perceptron, 784-256-10: the fast baseline."""
 
@@ -41,4 +67,4 @@ class MLP(nn.Module):
         return self.net(x)
 
 
-NETWORKS = {"cnn": ExamplesCNN, "mlp": MLP}
+NETWORKS = {"fast_cnn": FastCNN, "cnn": ExamplesCNN, "mlp": MLP}
