@@ -40,7 +40,11 @@ def headline() -> list[str]:
         s = t.get("lockstep_samples_per_s", t["samples_per_s"])
         out.append(f"- Throughput (lockstep, batch {t['batch_size']}, {t['threads']} threads): ours {s['ours']:,.0f}, bare loop {s['bare']:,.0f}, "
                    f"tutorial {s['tutorial']:,.0f} samples/s; **ours / bare = {t['ours_over_bare']}** (target >= 0.95), "
-                   f"**ours / tutorial = {t['ours_over_tutorial']}**")
+                   f"**ours / tutorial = {t['ours_over_tutorial']}** (the examples CNN)")
+        if "fast_cnn_ours_over_bare" in t:
+            f = t["fast_cnn_lockstep_samples_per_s"]
+            out[-1] += (f"; the default network fast_cnn: ours {f['ours']:,.0f}, bare loop {f['bare']:,.0f} samples/s, "
+                        f"ours / bare = {t['fast_cnn_ours_over_bare']}")
     if (r / "time_to_accuracy.json").exists():
         t = json.loads((r / "time_to_accuracy.json").read_text())
         parts = []
@@ -59,6 +63,9 @@ def headline() -> list[str]:
         if "chain" in t:
             c = t["chain"]
             line += f"; local chain overhead **{c['overhead_fraction']:.1%}** of {c['wall_s']} s wall (target < 15%)"
+            if "chain_previous_default" in t:
+                o = t["chain_previous_default"]
+                line += f"; with the previous default recipe (examples CNN) {o['overhead_fraction']:.1%} of {o['wall_s']} s"
         out.append(line)
     for g in sorted(r.glob("gpu_*.json")):
         t = json.loads(g.read_text())

@@ -13,6 +13,8 @@ images left after the workflow's 5,000 validation hold-out), same optimizer and 
 
 The three are interleaved, `--repeats` times; the best of each is compared (medians kept too). Then bare-loop
 variants (threads, batch size, channels-last, torch.compile, oneDNN off) push the numbers.
+Last, ours against the bare loop on the workflow's default network (fast_cnn), where a
+step is ~12x cheaper and Lightning's per-step cost weighs more.
 
     PYTHONPATH=src .venv/bin/python bench/throughput.py [--quick]
 """
@@ -133,7 +135,8 @@ def bare(x, y, batch_size, warmup, measured, seed=42, channels_last=False, compi
     return (sps, t_compile) if compile_ else sps
 
 
-def ours(train_pt, batch_size, warmup, measured, threads, seed=42, val_size=5000, channels_last=False, extra_callbacks=()):
+def ours(train_pt, batch_size, warmup, measured, threads, seed=42, val_size=5000, channels_last=False, extra_callbacks=(),
+         network="cnn"):
     """The workflow's training step: train.py's Trainer, our data module and model, our defaults.
 
     Built as mnistflow.train.train() builds it (that function also writes the run's files,
@@ -150,7 +153,8 @@ def ours(train_pt, batch_size, warmup, measured, threads, seed=42, val_size=5000
     from mnistflow.model import MNISTClassifier
     from mnistflow.callbacks import make_throughput_callback
 
-    run = {**RECIPE, "batch_size": batch_size, "seed": seed}
+    # The comparison's network and the bare loop's lr (recipe_optimizer), not the default recipe's.
+    run = {**RECIPE, "model": network, "lr": 0.003, "batch_size": batch_size, "seed": seed}
     geometry = Geometry.from_run(run)
     torch.set_num_threads(threads)
     pl.seed_everything(run["seed"], workers=True, verbose=False)
@@ -188,7 +192,7 @@ def ours(train_pt, batch_size, warmup, measured, threads, seed=42, val_size=5000
     return measured * batch_size / clock.s if hasattr(clock, "s") else None
 
 
-def lockstep(train_pt, tv_root, x, y, batch_size, warmup, measured, threads, seed=42):
+def lockstep(train_pt, tv_root, x, y, batch_size, warmup, measured, threads, seed=42, network="cnn"):
     """All three paths in one loop, one step each in turn: ours (the Lightning step), then a
     tutorial step and a bare step run from ours' batch-end callback. Each step is timed on
     its own; the median step time of each path gives its samples/s. Load from other jobs
@@ -198,7 +202,7 @@ def lockstep(train_pt, tv_root, x, y, batch_size, warmup, measured, threads, see
 
     from torchvision import datasets, transforms
 
-    from mnistflow.networks import ExamplesCNN
+    from mnistflow.networks import NETWORKS
 
     torch.manual_seed(seed)
     transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,))])
@@ -208,7 +212,7 @@ def lockstep(train_pt, tv_root, x, y, batch_size, warmup, measured, threads, see
     models = {}
     for name in ("tutorial", "bare"):
         torch.manual_seed(seed)
-        m = ExamplesCNN().train()
+        m = NETWORKS[network]().train()
         models[name] = (m, *recipe_optimizer(m, total))
 
     source = {"tutorial": tut_batches, "bare": shuffled_batches(x, y, batch_size)}
@@ -236,7 +240,7 @@ def lockstep(train_pt, tv_root, x, y, batch_size, warmup, measured, threads, see
                 times[name].append(time.perf_counter() - t)
             self.mark = time.perf_counter()
 
-    ours(train_pt, batch_size, 0, warmup + measured, threads, seed=seed, extra_callbacks=[Lockstep()])
+    ours(train_pt, batch_size, 0, warmup + measured, threads, seed=seed, extra_callbacks=[Lockstep()], network=network)
     sps = {k: batch_size / statistics.median(v[warmup:]) for k, v in times.items()}
     return sps, {k: len(v[warmup:]) for k, v in times.items()}
 
@@ -413,6 +417,16 @@ def main(argv=None):
                "one step each in turn, median step time; torch.compile's compile time apart):\n\n")
         md += common.table(["variant", "samples/s", "reference (batch %d, %d threads) samples/s" % (bs, args.threads), "ratio", "compile s (first step)"],
                            [[v["variant"], v["samples_per_s"], v["reference"], v["over_reference"], v.get("compile_s")] for v in variants])
+
+    fast, _ = lockstep(root / "train.pt", tv_root, x, y, bs, args.warmup, ls_steps, args.threads, network="fast_cnn")
+    print("lockstep, fast_cnn: " + ", ".join(f"{k} {v:,.0f}" for k, v in fast.items()), flush=True)
+    record["fast_cnn_lockstep_samples_per_s"] = {k: round(v, 1) for k, v in fast.items()}
+    record["fast_cnn_ours_over_bare"] = round(fast["ours"] / fast["bare"], 3)
+    record["fast_cnn_ours_over_tutorial_data_path"] = round(fast["ours"] / fast["tutorial"], 3)
+    md += ("\n\nThe default network (fast_cnn), the same lockstep (the tutorial's data path feeding fast_cnn):\n\n"
+           + common.table(["path", "samples/s (lockstep)", "/ bare"], [[k, fast[k], fast[k] / fast["bare"]] for k in ("tutorial", "bare", "ours")])
+           + f"\n\nfast_cnn: ours / bare = **{record['fast_cnn_ours_over_bare']}**; "
+             f"{fast['ours'] / ls['ours']:.2f}x the samples/s of ours with the examples CNN.")
     common.save("throughput", record, md)
 
 

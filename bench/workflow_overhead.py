@@ -7,6 +7,8 @@
    file:// mirror, with those files' MD5s in `dataset.md5` (npm's copy is regzipped): its wall
    time against the sum of its training and evaluation compute (train.json's fit_s, and the
    test-set prediction, timed separately); target: overhead under 15% of the wall time.
+   Then the same chain with the previous default recipe (the examples CNN, lr 0.003, batch
+   64, 1 epoch: ~2.5x the compute), to show the same machinery against more compute.
 3. Python import time of each rule's entry point (the modules a run of it imports).
 
     PYTHONPATH=src .venv/bin/python bench/workflow_overhead.py [--quick] [--skip-chain]
@@ -94,8 +96,13 @@ def _job_count(text: str):
     return None
 
 
-def chain(quick: bool):
-    """The default config's whole chain, locally, on MNIST from a file:// mirror."""
+# The default recipe before fast_cnn (commit d64470b): the chain's compute then was ~2.5x.
+PREVIOUS_DEFAULT = {"model": "cnn", "lr": 0.003, "batch_size": 64, "epochs": 1}
+
+
+def chain(quick: bool, train: dict | None = None):
+    """The default config's whole chain, locally, on MNIST from a file:// mirror; `train`
+    overrides the config's `train` settings."""
     from mnistflow.data import FILES, md5sum
 
     root = common.dataset("mnist")
@@ -103,6 +110,8 @@ def chain(quick: bool):
         wf = common.copy_workflow(Path(tmp))
         overlay = {"dataset": {"mirrors": [f"file://{root / 'raw'}/"],
                                "md5": {f: md5sum(root / "raw" / f) for f in FILES}}}
+        if train:
+            overlay["train"] = train
         if quick:
             overlay["dataset"]["train_limit"] = 8000
             overlay["dataset"]["val_size"] = 1000
@@ -139,7 +148,7 @@ def chain(quick: bool):
                 "overhead_fraction": round((wall - compute) / wall, 3),
                 "train_and_evaluate_jobs_s": round(job_s, 2),
                 "outside_train_and_evaluate_jobs_fraction": round((wall - job_s) / wall, 3),
-                "runs": runs, "jobs_s": jobs, "slurm_probe": "short-circuited (as installed here it adds ~9 s once)", "data": "MNIST" + (" (8,000 images, --quick)" if quick else " 60k/10k")}
+                "runs": runs, "jobs_s": jobs, "slurm_probe": "short-circuited (as installed here it adds ~9 s once)", "data": "MNIST" + (" (8,000 images, --quick)" if quick else " 60k/10k"), "train_overrides": train or {}}
 
 
 def import_times(repeats):
@@ -170,6 +179,7 @@ def main(argv=None):
     record["import_s"] = import_times(1 if args.quick else 3)
     if not args.skip_chain:
         record["chain"] = chain(args.quick)
+        record["chain_previous_default"] = chain(args.quick, PREVIOUS_DEFAULT)
     md = ("Dry run (`snakemake --dry-run`, whole command, best of runs; half the runs single-process, half 2-node DDP), "
           "with the Slurm plugin's `scontrol show config` probe short-circuited, and as installed on this machine "
           "(Slurm client present, no controller running: the probe waits ~9 s at every snakemake start):\n\n")
@@ -187,6 +197,10 @@ def main(argv=None):
                            [[k, r["world_size"], r["fit_s"], r["predict_s"], r["train_job_s"], r["evaluate_job_s"], r["samples_per_s"], r["test_acc"]]
                             for k, r in c["runs"].items()])
         md += "\n\nEvery job (Snakemake `benchmark:` seconds):\n\n" + common.table(["job", "s"], [[k, v] for k, v in c["jobs_s"].items()])
+        old = record["chain_previous_default"]
+        md += (f"\n\nThe same chain with the previous default recipe ({old['train_overrides']}): wall {old['wall_s']} s; "
+               f"compute {old['compute_s']} s; overhead **{old['overhead_fraction']:.1%}** ({old['overhead_s']} s); "
+               f"test accuracy " + ", ".join(f"{k} {r['test_acc']}" for k, r in old["runs"].items()) + ".")
     common.save("workflow_overhead", record, md)
 
 

@@ -29,7 +29,7 @@ def test_defaults_are_filled():
     config = {"runs": {"a": {}}}
     validate(config, SCHEMA)
     assert config["dataset"]["name"] == "mnist" and config["dataset"]["mirrors"] == []
-    assert config["evaluate"]["batch_size"] == 1000
+    assert config["evaluate"]["batch_size"] == 100
 
 
 def test_recipe_defaults_match_the_shipped_config():

@@ -45,7 +45,7 @@ class MNISTDataModule(pl.LightningDataModule):
         val_size: int = 5000,
         train_limit: int = 0,
         seed: int = 42,
-        eval_batch_size: int = 1000,
+        eval_batch_size: int = 100,  # see mnistflow.evaluate.EVAL_BATCH
     ):
         super().__init__()
         self.train_path, self.test_path = train_path, test_path

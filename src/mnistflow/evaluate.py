@@ -21,6 +21,11 @@ from .atomic import atomic_path, write_json, write_text
 
 log = logging.getLogger("mnistflow.evaluate")
 
+# Images per forward pass. On a CPU, 100 predicted the 10,000 test images 2.2x faster than
+# 1,000 (fast_cnn 0.41 s vs 0.93 s; the examples CNN 1.7 s vs 3.6 s): a larger batch's
+# activations no longer fit in cache. A GPU is not slower with it on a set this small.
+EVAL_BATCH = 100
+
 
 def load_model(path: str | Path):
     """The network saved by training, in plain PyTorch (no Lightning import: 2 s less per job);
@@ -37,7 +42,7 @@ def load_model(path: str | Path):
     return network.eval()
 
 
-def predict(model, images, batch_size: int = 1000):
+def predict(model, images, batch_size: int = EVAL_BATCH):
     """(logits, mean cross-entropy is computed by the caller) for uint8 images, in batches."""
     import torch
 
@@ -77,7 +82,7 @@ def scores(cm) -> dict:
     return {"accuracy": correct / total if total else 0.0, "samples": total, "per_class": per_class}
 
 
-def evaluate(model_path, test_data, train_log, out_dir, batch_size: int = 1000) -> dict:
+def evaluate(model_path, test_data, train_log, out_dir, batch_size: int = EVAL_BATCH) -> dict:
     from torch.nn import functional as F
 
     from .data import load_split
@@ -173,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--test-data", required=True, help="the prepared test split (test.pt)")
     p.add_argument("--train-log", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--batch-size", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=EVAL_BATCH)
     p.add_argument("--threads", type=int, default=0)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
