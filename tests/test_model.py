@@ -7,10 +7,10 @@ from mnistflow.data import load_split
 from mnistflow.data import normalise
 from mnistflow.datamodule import MNISTDataModule, TensorSplit
 from mnistflow.model import MNISTClassifier
-from mnistflow.networks import MLP, ExamplesCNN
+from mnistflow.networks import MLP, ExamplesCNN, FastCNN
 
 
-@pytest.mark.parametrize("net", [ExamplesCNN, MLP])
+@pytest.mark.parametrize("net", [FastCNN, ExamplesCNN, MLP])
 def test_logits_shape(net):
     assert net()(torch.zeros(5, 1, 28, 28)).shape == (5, 10)
 
@@ -18,6 +18,31 @@ def test_logits_shape(net):
 def test_examples_cnn_layers():
     sizes = [tuple(p.shape) for p in ExamplesCNN().parameters()]
     assert sizes == [(32, 1, 3, 3), (32,), (64, 32, 3, 3), (64,), (128, 9216), (128,), (10, 128), (10,)]
+
+
+def test_fast_cnn_layers_and_default():
+    sizes = [tuple(p.shape) for p in FastCNN().parameters()]
+    # conv weights without bias (batch norm has its own), then BN scale and shift
+    assert sizes == [(16, 1, 3, 3), (16,), (16,), (32, 16, 3, 3), (32,), (32,), (10, 1568), (10,)]
+    assert isinstance(MNISTClassifier().net, FastCNN)
+
+
+def test_evaluation_uses_batch_norm_running_statistics(tmp_path):
+    """A prediction must not depend on which images share its batch: the loaded network is in
+    eval mode, so batch norm uses the statistics training accumulated."""
+    from mnistflow.evaluate import load_model, predict
+
+    module = MNISTClassifier(model="fast_cnn")
+    with torch.no_grad():
+        for _ in range(3):  # train-mode passes move the running statistics off their defaults
+            module.net(torch.randn(32, 1, 28, 28) * 2 + 1)
+    path = tmp_path / "model.ckpt"
+    torch.save({"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}, path)
+    images = torch.randint(0, 256, (50, 28, 28), dtype=torch.uint8)
+    model = load_model(path)
+    assert not model.training
+    assert torch.allclose(predict(model, images, batch_size=50), predict(model, images, batch_size=7), atol=1e-5)
+    assert torch.allclose(predict(model, images[:1]), predict(model, images)[:1], atol=1e-5)
 
 
 def test_hyperparameters_saved():
