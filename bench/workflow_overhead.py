@@ -8,7 +8,7 @@
    time against the sum of its training and evaluation compute (train.json's fit_s, and the
    test-set prediction, timed separately); target: overhead under 15% of the wall time.
    Then the same chain with the previous default recipe (the examples CNN, lr 0.003, batch
-   64, 1 epoch: ~2.5x the compute), to show the same machinery against more compute.
+   64, 1 epoch: ~1.8x the compute), to show the same machinery against more compute.
 3. Python import time of each rule's entry point (the modules a run of it imports).
 
     PYTHONPATH=src .venv/bin/python bench/workflow_overhead.py [--quick] [--skip-chain]
@@ -96,7 +96,7 @@ def _job_count(text: str):
     return None
 
 
-# The default recipe before fast_cnn (commit d64470b): the chain's compute then was ~2.5x.
+# The default recipe until commit d64470b made fast_cnn the default: ~1.8x the chain's compute.
 PREVIOUS_DEFAULT = {"model": "cnn", "lr": 0.003, "batch_size": 64, "epochs": 1}
 
 

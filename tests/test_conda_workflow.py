@@ -42,7 +42,7 @@ RECORD = "results/env/train_env.json"
 # A small slice of the loopback mirror's digits: every rule runs, in seconds.
 EXPERIMENT = {
     "dataset": {"name": "mnist", "timeout_s": 5, "retries": 1, "val_size": 200, "train_limit": 1000},
-    "train": {"model": "mlp", "epochs": 1, "batch_size": 100, "accelerator": "cpu"},
+    "train": {"model": "mlp", "lr": 0.003, "epochs": 1, "batch_size": 100, "accelerator": "cpu"},
     "runs": {"single": {"nodes": 1, "devices": 1}},
     "evaluate": {"batch_size": 1000},
 }

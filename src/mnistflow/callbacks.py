@@ -19,9 +19,9 @@ def make_preemption_callback(signal_name: str):
     The handler only sets a flag. At the epoch's last batch the ranks agree on it (one
     all-reduce an epoch: one a step slowed a small network's DDP), so all of them stop at
     the same point and none is left waiting in a collective. Stopping at an epoch boundary
-    keeps Lightning's resume exact (a mid-epoch checkpoint would replay or skip batches). Slurm's `--signal=USR1@90` leaves 90 s for
-    that; if the epoch needs longer, the time limit ends the job and the previous
-    last.ckpt, written atomically, is the resume point.
+    keeps Lightning's resume exact (a mid-epoch checkpoint would replay or skip batches).
+    Slurm's `--signal=USR1@90` leaves 90 s for that; if the epoch needs longer, the time
+    limit ends the job and the previous last.ckpt, written atomically, is the resume point.
     """
     import signal
 
