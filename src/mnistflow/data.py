@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
 from .atomic import atomic_path
+from .cli import run_and_exit
 
 log = logging.getLogger(__name__)
 
@@ -356,4 +357,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_and_exit(main)

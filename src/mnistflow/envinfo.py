@@ -12,6 +12,7 @@ import platform
 import sys
 
 from .atomic import write_json
+from .cli import run_and_exit
 
 PACKAGES = ("torch", "torchvision", "pytorch-lightning", "numpy", "matplotlib")
 
@@ -55,4 +56,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_and_exit(main)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .atomic import atomic_path, write_json, write_text
+from .cli import run_and_exit
 
 log = logging.getLogger("mnistflow.evaluate")
 
@@ -199,4 +200,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_and_exit(main)

@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 from .atomic import atomic_path, write_text
+from .cli import run_and_exit
 
 COLUMNS = ("run", "model", "nodes", "devices", "world_size", "epochs", "batch_size", "lr",
            "test_accuracy", "test_loss", "train_s", "samples_per_s", "hosts")
@@ -92,4 +93,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_and_exit(main)

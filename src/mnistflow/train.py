@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .callbacks import Preempted, make_preemption_callback, make_throughput_callback
+from .cli import run_and_exit
 from .geometry import Geometry, GeometryError
 from .launch import relaunch
 from .resume import (
@@ -285,4 +286,4 @@ def _gather_hosts(trainer) -> list[str]:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_and_exit(main)
