@@ -152,15 +152,20 @@ def chain(quick: bool, train: dict | None = None):
 
 
 def import_times(repeats):
-    out = {}
+    """A process that imports what each entry point imports, ending with Python's normal exit
+    and ending as the entry points do (mnistflow.cli.run_and_exit: os._exit after a flush),
+    interleaved, best of `repeats` each: the second is the import cost, the difference the
+    teardown that run_and_exit skips."""
+    out, teardown = {}, {}
     for label, stmt in ENTRY_IMPORTS.items():
-        times = []
+        normal, fast = [], []
         for _ in range(repeats):
-            wall, _ = common.run([common.PYTHON, "-c", stmt], env=common.env_with_src())
-            times.append(wall)
-        out[label] = round(min(times), 2)
-        print(f"import {label}: {min(times):.2f} s", flush=True)
-    return out
+            normal.append(common.run([common.PYTHON, "-c", stmt], env=common.env_with_src())[0])
+            fast.append(common.run([common.PYTHON, "-c", f"{stmt}\nimport os; os._exit(0)"], env=common.env_with_src())[0])
+        out[label] = round(min(fast), 2)
+        teardown[label] = round(min(normal) - min(fast), 2)
+        print(f"import {label}: {min(fast):.2f} s; normal exit adds {teardown[label]:.2f} s", flush=True)
+    return out, teardown
 
 
 def main(argv=None):
@@ -176,7 +181,7 @@ def main(argv=None):
     record["dry_run_as_installed"], record["snakemake_version_as_installed_s"] = dry_runs([sizes[0], sizes[-1]], 1, probe=True)
     record["dry_run_1000_s"] = next((d["seconds"] for d in record["dry_run"] if d["runs"] == 1000), None)
     record["dry_run_1000_as_installed_s"] = next((d["seconds"] for d in record["dry_run_as_installed"] if d["runs"] == 1000), None)
-    record["import_s"] = import_times(1 if args.quick else 3)
+    record["import_s"], record["teardown_s"] = import_times(1 if args.quick else 3)
     if not args.skip_chain:
         record["chain"] = chain(args.quick)
         record["chain_previous_default"] = chain(args.quick, PREVIOUS_DEFAULT)
@@ -186,8 +191,10 @@ def main(argv=None):
     installed = {d["runs"]: d["seconds"] for d in record["dry_run_as_installed"]}
     md += common.table(["runs", "jobs", "seconds", "seconds as installed"], [[d["runs"], d["jobs"], d["seconds"], installed.get(d["runs"])] for d in record["dry_run"]])
     md += (f"\n\n(`snakemake --version` alone: {record['snakemake_version_s']} s; as installed "
-           f"{record['snakemake_version_as_installed_s']} s)\n\nImport time of each rule's entry point (fresh process, best of 3):\n\n")
-    md += common.table(["entry point", "seconds"], [[k, v] for k, v in record["import_s"].items()])
+           f"{record['snakemake_version_as_installed_s']} s)\n\nImport time of each rule's entry point (a fresh process "
+           "that imports what the step imports, best of 3), and what Python's normal exit would add after it (the "
+           "entry points skip it: mnistflow.cli.run_and_exit):\n\n")
+    md += common.table(["entry point", "import s", "normal exit adds s"], [[k, v, record["teardown_s"][k]] for k, v in record["import_s"].items()])
     if "chain" in record:
         c = record["chain"]
         md += (f"\n\nThe default config's local chain on {c['data']}: wall {c['wall_s']} s; training + evaluation compute "
