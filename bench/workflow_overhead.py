@@ -96,8 +96,8 @@ def _job_count(text: str):
     return None
 
 
-# The default recipe until commit d64470b made fast_cnn the default: ~1.8x the chain's compute.
-PREVIOUS_DEFAULT = {"model": "cnn", "lr": 0.003, "batch_size": 64, "epochs": 1}
+# The default recipe before fast_cnn: ~1.8x the chain's compute.
+PREVIOUS_DEFAULT = {**common.EXAMPLES_CNN_RECIPE, "epochs": 1}
 
 
 def chain(quick: bool, train: dict | None = None):
