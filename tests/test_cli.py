@@ -3,9 +3,10 @@
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
+from tests.conftest import REPO
+
+SRC = str(REPO / "src")
 
 
 def test_run_and_exit_keeps_the_status_and_everything_written(tmp_path):
