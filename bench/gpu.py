@@ -4,7 +4,7 @@
     PYTHONPATH=src .venv/bin/python bench/gpu.py --data .gpudata --out /tmp/gpu --cpu --tiny   # a dry rehearsal here
 
 The machine has no internet: the data travels with it (`.gpudata/raw/*.gz`, the full MNIST
-from npm, which `bench/gpu_data.py` stages; here they become `train.pt`/`test.pt` through
+from npm, which `bench/gpu_data.py` stages; here they become `train.npz`/`test.npz` through
 `mnistflow.data.prepare`, as the workflow's prepare rule makes them). Sections,
 each written to `<out>/gpu.json` as soon as it ends, each skipped when the time budget is spent:
 
@@ -95,7 +95,7 @@ def plain_throughput(x, y, device, batch, steps, warmup, bf16=True, channels_las
     return batch * steps / (time.perf_counter() - t0)
 
 
-def lightning_throughput(train_pt, device, batch, steps, warmup, data_on_device, tmp):
+def lightning_throughput(train_npz, device, batch, steps, warmup, data_on_device, tmp):
     """Our MNISTClassifier under a Trainer configured as train.py does, bf16-mixed."""
     import pytorch_lightning as pl
     from pytorch_lightning.callbacks import ModelCheckpoint
@@ -129,23 +129,23 @@ def lightning_throughput(train_pt, device, batch, steps, warmup, data_on_device,
         callbacks=[ModelCheckpoint(dirpath=out / "checkpoints", save_top_k=0, save_last=True), clock],
         enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=10, limit_val_batches=0,
     )
-    dm = OnDevice(train_pt, batch_size=batch, val_size=500, seed=0)
+    dm = OnDevice(train_npz, batch_size=batch, val_size=500, seed=0)
     trainer.fit(MNISTClassifier(), datamodule=dm)
     return batch * steps / clock.s
 
 
 def tiled_train(src: Path, times: int, tmp) -> Path:
     """The training split repeated `times` over, so an epoch outlasts the measured steps."""
-    from mnistflow.data import load_split
+    from mnistflow.data import load_split, write_arrays
 
     images, labels = load_split(src)
-    path = Path(tmp) / "train_tiled.pt"
-    torch.save({"images": images.repeat(times, 1, 1), "labels": labels.repeat(times)}, path)
+    path = Path(tmp) / "train_tiled.npz"
+    write_arrays(path, images=images.repeat(times, 1, 1).numpy(), labels=labels.repeat(times).numpy())
     return path
 
 
 def section_throughput(args, device, tmp):
-    x, y = load(args.data / "train.pt", device)
+    x, y = load(args.data / "train.npz", device)
     steps, warmup = (5, 2) if args.tiny else (200, 30)
     rows = []
     for batch, bf16, cl in [(128, True, False), (512, True, False), (1024, True, False), (4096, True, False), (1024, False, False), (1024, True, True)]:
@@ -157,7 +157,7 @@ def section_throughput(args, device, tmp):
         print(rows[-1], flush=True)
     RESULT["throughput"] = rows
     lsteps, lwarm = (5, 2) if args.tiny else (100, 20)
-    tiled = tiled_train(args.data / "train.pt", 2 if args.tiny else -(-(lsteps + lwarm) * 1024 // len(y)) + 1, tmp)
+    tiled = tiled_train(args.data / "train.npz", 2 if args.tiny else -(-(lsteps + lwarm) * 1024 // len(y)) + 1, tmp)
     for batch in (128, 512, 1024):
         for on_device in ((True,) if batch == 128 else (True, False)):
             try:
@@ -224,8 +224,8 @@ def tta_run(x, y, xt, yt, device, optimizer, lr, schedule, batch, epochs, bf16=T
 
 
 def section_tta(args, device, deadline):
-    x, y = load(args.data / "train.pt", device)
-    xt, yt = load(args.data / "test.pt", device)
+    x, y = load(args.data / "train.npz", device)
+    xt, yt = load(args.data / "test.npz", device)
     if args.tiny:
         x, y = x[:1024], y[:1024]
     grid = [("adadelta", 1.0, "step", 64, 5, False)]  # the tutorial's recipe (fp32; its main.py runs 14 epochs)
@@ -288,7 +288,7 @@ def train_entry(args, device, tmp, name, nodes, precision, backend=None, timeout
         env["PYTHONPATH"] = f"{site}:{env['PYTHONPATH']}"
         env["MNISTFLOW_BENCH_PG_BACKEND"] = backend
     cmd = [sys.executable, "-m", "mnistflow.train", "--run", name, "--params", json.dumps(run),
-           "--train-data", str(args.data / "train.pt"), "--out", str(out), "--val-size", "500",
+           "--train-data", str(args.data / "train.npz"), "--out", str(out), "--val-size", "500",
            "--threads", str(min(4, os.cpu_count() or 1))] + (["--train-limit", "1000"] if args.tiny else [])
     rec = {"run": name, "nodes": nodes, "devices": 1, "accelerator": accel, "precision": precision, "overrides": overrides or {},
            "process_group_backend": backend or "not forced (train.py: nccl; gloo when ranks share a GPU)"}
@@ -305,7 +305,7 @@ def train_entry(args, device, tmp, name, nodes, precision, backend=None, timeout
         tj = json.loads((out / "train.json").read_text())
         rec.update({k: tj.get(k) for k in ("world_size", "strategy", "accelerator", "hosts", "fit_s", "train_s",
                                           "samples_per_s", "epochs", "global_step")})
-        images, labels = load_split(args.data / "test.pt")
+        images, labels = load_split(args.data / "test.npz")
         logits = predict(load_model(out / "model.ckpt"), images)
         rec["test_acc"] = round(float((logits.argmax(1) == labels).float().mean()), 4)
     else:
@@ -353,7 +353,7 @@ def main(argv=None):
     warnings.filterwarnings("ignore")
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    if not (args.data / "test.pt").exists():
+    if not (args.data / "test.npz").exists():
         from mnistflow.data import prepare
 
         prepare(args.data / "raw", args.data)

@@ -93,12 +93,12 @@ def tutorial(root, batch_size, warmup, measured, seed=42):
     return timed_loop(cycle(loader), step, warmup, measured, batch_size)
 
 
-def in_memory(train_pt, val_size=5000, seed=42):
+def in_memory(train_npz, val_size=5000, seed=42):
     """The same training split as the data module: normalised once, validation held out."""
     from mnistflow.data import load_split
     from mnistflow.datamodule import normalise
 
-    images, labels = load_split(train_pt)
+    images, labels = load_split(train_npz)
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
     x = normalise(images)
     train = order[val_size:]
@@ -135,7 +135,7 @@ def bare(x, y, batch_size, warmup, measured, seed=42, channels_last=False, compi
     return (sps, t_compile) if compile_ else sps
 
 
-def ours(train_pt, batch_size, warmup, measured, threads, seed=42, val_size=5000, channels_last=False, extra_callbacks=(),
+def ours(train_npz, batch_size, warmup, measured, threads, seed=42, val_size=5000, channels_last=False, extra_callbacks=(),
          network="cnn"):
     """The workflow's training step: train.py's Trainer, our data module and model, our defaults.
 
@@ -158,7 +158,7 @@ def ours(train_pt, batch_size, warmup, measured, threads, seed=42, val_size=5000
     geometry = Geometry.from_run(run)
     torch.set_num_threads(threads)
     pl.seed_everything(run["seed"], workers=True, verbose=False)
-    data = MNISTDataModule(train_pt, batch_size=run["batch_size"] // geometry.world_size, val_size=val_size, seed=run["seed"])
+    data = MNISTDataModule(train_npz, batch_size=run["batch_size"] // geometry.world_size, val_size=val_size, seed=run["seed"])
     model = MNISTClassifier(model=run["model"], optimizer=run["optimizer"], lr=run["lr"],
                             weight_decay=run["weight_decay"], schedule=run["schedule"])
     if channels_last:
@@ -192,7 +192,7 @@ def ours(train_pt, batch_size, warmup, measured, threads, seed=42, val_size=5000
     return measured * batch_size / clock.s if hasattr(clock, "s") else None
 
 
-def lockstep(train_pt, tv_root, x, y, batch_size, warmup, measured, threads, seed=42, network="cnn"):
+def lockstep(train_npz, tv_root, x, y, batch_size, warmup, measured, threads, seed=42, network="cnn"):
     """All three paths in one loop, one step each in turn: ours (the Lightning step), then a
     tutorial step and a bare step run from ours' batch-end callback. Each step is timed on
     its own; the median step time of each path gives its samples/s. Load from other jobs
@@ -240,7 +240,7 @@ def lockstep(train_pt, tv_root, x, y, batch_size, warmup, measured, threads, see
                 times[name].append(time.perf_counter() - t)
             self.mark = time.perf_counter()
 
-    ours(train_pt, batch_size, 0, warmup + measured, threads, seed=seed, extra_callbacks=[Lockstep()], network=network)
+    ours(train_npz, batch_size, 0, warmup + measured, threads, seed=seed, extra_callbacks=[Lockstep()], network=network)
     sps = {k: batch_size / statistics.median(v[warmup:]) for k, v in times.items()}
     return sps, {k: len(v[warmup:]) for k, v in times.items()}
 
@@ -280,7 +280,7 @@ def stepper(x, y, batch_size, seed=42, channels_last=False, compile_=False, thre
     return step
 
 
-def alternate_variants(x, y, bs, threads, warmup, steps, train_pt):
+def alternate_variants(x, y, bs, threads, warmup, steps, train_npz):
     """Each variant against a fresh reference, one step each in turn; median step times."""
     specs = [
         ("batch=32", {}, 32),
@@ -324,18 +324,18 @@ def alternate_variants(x, y, bs, threads, warmup, steps, train_pt):
     out.append(rec)
     print(rec, flush=True)
     # The same change inside ours: our module converted to channels-last from outside (see README).
-    ls_ref = lockstep_ours_pair(train_pt, bs, warmup, steps, threads)
+    ls_ref = lockstep_ours_pair(train_npz, bs, warmup, steps, threads)
     out.append(ls_ref)
     print(ls_ref, flush=True)
     return out
 
 
-def lockstep_ours_pair(train_pt, bs, warmup, steps, threads):
+def lockstep_ours_pair(train_npz, bs, warmup, steps, threads):
     """ours with channels-last weights vs ours as is: two Trainers cannot interleave, so best of 2 blocks each, alternating."""
     a, b = [], []
     for _ in range(2):
-        a.append(ours(train_pt, bs, warmup, steps, threads))
-        b.append(ours(train_pt, bs, warmup, steps, threads, channels_last=True))
+        a.append(ours(train_npz, bs, warmup, steps, threads))
+        b.append(ours(train_npz, bs, warmup, steps, threads, channels_last=True))
     return {"variant": "ours + channels_last (blocks, best of 2)", "batch": bs, "samples_per_s": round(max(b), 1),
             "reference": round(max(a), 1), "over_reference": round(max(b) / max(a), 3)}
 
@@ -365,17 +365,17 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     bs = args.batch_size
     steps = max(10, args.samples // bs)
-    x, y = in_memory(root / "train.pt")
+    x, y = in_memory(root / "train.npz")
     load_start = common.load_time()
 
     ls_steps = max(20, args.samples * 2 // bs)
-    ls, ls_n = lockstep(root / "train.pt", tv_root, x, y, bs, args.warmup, ls_steps, args.threads)
+    ls, ls_n = lockstep(root / "train.npz", tv_root, x, y, bs, args.warmup, ls_steps, args.threads)
     print("lockstep: " + ", ".join(f"{k} {v:,.0f}" for k, v in ls.items()), flush=True)
     runs = {"tutorial": [], "bare": [], "ours": []}
     for r in range(args.repeats):
         runs["tutorial"].append(tutorial(tv_root, bs, args.warmup, steps))
         runs["bare"].append(bare(x, y, bs, args.warmup, steps))
-        runs["ours"].append(ours(root / "train.pt", bs, args.warmup, steps, args.threads))
+        runs["ours"].append(ours(root / "train.npz", bs, args.warmup, steps, args.threads))
         print(f"repeat {r + 1}: " + ", ".join(f"{k} {v[-1]:,.0f}" for k, v in runs.items()), flush=True)
     # Best of the interleaved repeats: other jobs on a shared machine only ever slow a slot down,
     # so the fastest repeat of each path is the least disturbed estimate; medians are kept too.
@@ -411,14 +411,14 @@ def main(argv=None):
            f"ours/bare {record['ours_over_bare_blocks']}; medians {record['ours_over_tutorial_median']}, {record['ours_over_bare_median']}.")
 
     if not args.no_variants:
-        variants = alternate_variants(x, y, bs, args.threads, args.warmup, max(30, args.samples // bs), root / "train.pt")
+        variants = alternate_variants(x, y, bs, args.threads, args.warmup, max(30, args.samples // bs), root / "train.npz")
         record["variants"] = variants
         md += ("\n\nWhat each setting gives (the bare loop; every variant runs in lockstep with the reference, "
                "one step each in turn, median step time; torch.compile's compile time apart):\n\n")
         md += common.table(["variant", "samples/s", "reference (batch %d, %d threads) samples/s" % (bs, args.threads), "ratio", "compile s (first step)"],
                            [[v["variant"], v["samples_per_s"], v["reference"], v["over_reference"], v.get("compile_s")] for v in variants])
 
-    fast, _ = lockstep(root / "train.pt", tv_root, x, y, bs, args.warmup, ls_steps, args.threads, network="fast_cnn")
+    fast, _ = lockstep(root / "train.npz", tv_root, x, y, bs, args.warmup, ls_steps, args.threads, network="fast_cnn")
     print("lockstep, fast_cnn: " + ", ".join(f"{k} {v:,.0f}" for k, v in fast.items()), flush=True)
     record["fast_cnn_lockstep_samples_per_s"] = {k: round(v, 1) for k, v in fast.items()}
     record["fast_cnn_ours_over_bare"] = round(fast["ours"] / fast["bare"], 3)

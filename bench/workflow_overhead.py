@@ -129,7 +129,7 @@ def chain(quick: bool, train: dict | None = None):
         from mnistflow.data import load_split
         from mnistflow.evaluate import load_model, predict
 
-        images, labels = load_split(res / "data" / "mnist" / "test.pt")
+        images, labels = load_split(res / "data" / "mnist" / "test.npz")
         for run_dir in sorted((res / "runs").iterdir()):
             tj = json.loads((run_dir / "train.json").read_text())
             model = load_model(run_dir / "model.ckpt")

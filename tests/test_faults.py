@@ -37,7 +37,7 @@ from tests.conftest import TEST_CONFIG, Workflow, copy_workflow
 
 pytestmark = pytest.mark.faults
 
-PREPARED = ("results/data/mnist/train.pt", "results/data/mnist/test.pt", "results/env/train_env.json")
+PREPARED = ("results/data/mnist/train.npz", "results/data/mnist/test.npz", "results/env/train_env.json")
 # A CNN on 1,300 training images: 11 steps an epoch, a few seconds each epoch on two cores,
 # long enough to be interrupted mid-epoch, short enough to run three epochs twice.
 SHORT = {"train_limit": 1500, "val_size": 200}
@@ -330,13 +330,13 @@ def test_bad_data_fails_naming_the_file(kind, tmp_path, mirror, slurm_controller
         md5 = _bad_mirror_files(kind, mirror.directory, bad)
     with offline.serve(bad) as url:
         wf = fresh(tmp_path / "wf", {"dataset": {"mirrors": [url], "md5": md5, "timeout_s": 5, "retries": 0}})
-        result = wf.snakemake("--cores", "2", "--show-failed-logs", "results/data/mnist/train.pt", check=False, timeout=180)
+        result = wf.snakemake("--cores", "2", "--show-failed-logs", "results/data/mnist/train.npz", check=False, timeout=180)
     out = result.stdout + result.stderr
     assert result.returncode != 0
     assert f"Error in rule {rule}" in out, out[-3000:]
     for needle in needles:
         assert needle in out, (needle, out[-4000:])
-    assert not wf.path("results/data/mnist/train.pt").exists()
+    assert not wf.path("results/data/mnist/train.npz").exists()
     if rule == "download":
         assert not any(wf.path(f"results/data/mnist/raw/{name}").exists() for name in FILES)
 
@@ -412,9 +412,9 @@ CHECKPOINTS = {
 def test_unusable_checkpoint_is_set_aside_with_a_warning(kind, tmp_path, caplog):
     from mnistflow.resume import usable_checkpoint
 
-    train_pt = tmp_path / "train.pt"
-    train_pt.write_bytes(b"training data")
-    identity = {"settings": {"lr": 0.003, "model": "mlp"}, "val_size": 100, "train_limit": 0, "train_data_md5": data.md5sum(train_pt)}
+    train_npz = tmp_path / "train.npz"
+    train_npz.write_bytes(b"training data")
+    identity = {"settings": {"lr": 0.003, "model": "mlp"}, "val_size": 100, "train_limit": 0, "train_data_md5": data.md5sum(train_npz)}
     last, logs, marker = tmp_path / "last.ckpt", tmp_path / "logs", tmp_path / "code-ran"
     logs.mkdir()
     (logs / "metrics.csv").write_text("epoch,step\n0,3\n")

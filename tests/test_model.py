@@ -67,7 +67,7 @@ def test_datamodule_splits_and_batches(tmp_path, mirror):
     from mnistflow.data import prepare
 
     prepare(mirror.directory, tmp_path)
-    dm = MNISTDataModule(tmp_path / "train.pt", tmp_path / "test.pt", batch_size=64, val_size=500, train_limit=4000, seed=1)
+    dm = MNISTDataModule(tmp_path / "train.npz", tmp_path / "test.npz", batch_size=64, val_size=500, train_limit=4000, seed=1)
     dm.setup("fit")
     assert len(dm.train_set) == 3500 and len(dm.val_set) == 500
     x, y = next(iter(dm.train_dataloader()))
@@ -75,6 +75,6 @@ def test_datamodule_splits_and_batches(tmp_path, mirror):
     dm.setup("test")
     assert len(dm.test_set) == 2000
     # the same seed holds out the same validation images
-    dm2 = MNISTDataModule(tmp_path / "train.pt", batch_size=64, val_size=500, train_limit=4000, seed=1)
+    dm2 = MNISTDataModule(tmp_path / "train.npz", batch_size=64, val_size=500, train_limit=4000, seed=1)
     dm2.setup("fit")
     assert torch.equal(dm.val_set.y, dm2.val_set.y)

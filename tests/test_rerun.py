@@ -79,7 +79,7 @@ def change_then_check(wf: Workflow, expected: set[str], run: bool = True):
     after = fingerprint(wf.root)
     changed = {path for path in before if after.get(path) != before[path]}
     prefixes = {
-        "environment": ["results/env/"], "prepare": ["results/data/mnist/train.pt", "results/data/mnist/test.pt"],
+        "environment": ["results/env/"], "prepare": ["results/data/mnist/train.npz", "results/data/mnist/test.npz"],
         "download": ["results/data/mnist/raw/"], "summarize": ["results/summary/"],
     }
     allowed = []
@@ -151,7 +151,7 @@ def test_unrelated_code_reruns_nothing(copy):
 
 def test_changed_input_reruns_what_follows(copy):
     # a new training split (input trigger): everything downstream of prepare, nothing upstream
-    copy.path("results/data/mnist/train.pt").touch()
+    copy.path("results/data/mnist/train.npz").touch()
     change_then_check(copy, {"train/a", "train/b", "evaluate/a", "evaluate/b", "summarize"}, run=False)
 
 

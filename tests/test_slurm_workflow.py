@@ -141,7 +141,7 @@ def test_preempted_training_resumes_from_its_checkpoint(slurm_cluster, tmp_path_
     # 4 epochs: the signal comes in epoch 1 or 2, so the run must stop early and be resumed
     wf.write_config("extra.yaml", {"runs": {"long": {"epochs": 4, "model": "cnn"}}, "dataset": {"train_limit": 3000}})
     # data and environment first, so the timing below concerns training only
-    wf.snakemake("results/data/mnist/train.pt", "results/env/train_env.json", *SLURM_ARGS, timeout=300)
+    wf.snakemake("results/data/mnist/train.npz", "results/env/train_env.json", *SLURM_ARGS, timeout=300)
     proc = subprocess.Popen(
         ["timeout", "-k", "10", "600", *wf.command("results/runs/long/train.json", *SLURM_ARGS)],
         cwd=wf.root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=wf.env(),

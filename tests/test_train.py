@@ -15,38 +15,38 @@ from tests.conftest import REPO
 
 
 @pytest.fixture(scope="module")
-def train_pt(mirror, tmp_path_factory):
+def train_npz(mirror, tmp_path_factory):
     out = tmp_path_factory.mktemp("prepared")
     prepare(mirror.directory, out)
-    return out / "train.pt"
+    return out / "train.npz"
 
 
-def train(train_pt, out, env_extra=None, **settings):
+def train(train_npz, out, env_extra=None, **settings):
     run = {**RECIPE, "name": "t", **settings}
     cmd = [sys.executable, "-m", "mnistflow.train", "--run", "t", "--params", json.dumps(run),
-           "--train-data", str(train_pt), "--out", str(out), "--val-size", "200", "--train-limit", "1200", "--threads", "2"]
+           "--train-data", str(train_npz), "--out", str(out), "--val-size", "200", "--train-limit", "1200", "--threads", "2"]
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), **(env_extra or {})}
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
 
 
-def test_same_inputs_and_seed_give_the_same_metrics(train_pt, tmp_path):
+def test_same_inputs_and_seed_give_the_same_metrics(train_npz, tmp_path):
     records = []
     for attempt in ("a", "b"):
-        result = train(train_pt, tmp_path / attempt, seed=3)
+        result = train(train_npz, tmp_path / attempt, seed=3)
         assert result.returncode == 0, result.stderr[-3000:]
         records.append(json.loads((tmp_path / attempt / "train.json").read_text()))
     assert records[0]["final"] == records[1]["final"]
     assert (tmp_path / "a" / "metrics.csv").read_text() == (tmp_path / "b" / "metrics.csv").read_text()
-    other = train(train_pt, tmp_path / "c", seed=4)
+    other = train(train_npz, tmp_path / "c", seed=4)
     assert other.returncode == 0
     assert json.loads((tmp_path / "c" / "train.json").read_text())["final"] != records[0]["final"]
 
 
-def test_train_json_records_provenance(train_pt, tmp_path):
+def test_train_json_records_provenance(train_npz, tmp_path):
     env_record = tmp_path / "env.json"
     env_record.write_text(json.dumps({"python": "3.x", "packages": {"torch": "x"}}))
     run = {**RECIPE, "name": "t", "model": "mlp"}
-    cmd = [sys.executable, "-m", "mnistflow.train", "--run", "t", "--params", json.dumps(run), "--train-data", str(train_pt),
+    cmd = [sys.executable, "-m", "mnistflow.train", "--run", "t", "--params", json.dumps(run), "--train-data", str(train_npz),
            "--out", str(tmp_path / "p"), "--val-size", "200", "--train-limit", "600", "--threads", "1", "--env-record", str(env_record)]
     result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO / "src")}, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -59,11 +59,12 @@ def test_train_json_records_provenance(train_pt, tmp_path):
     assert prov["git_commit"] is None or len(prov["git_commit"]) == 40
     assert record["settings"]["seed"] == RECIPE["seed"] and record["started"] <= record["finished"]
     assert record["attempts"][-1]["outcome"] == "finished"
+    assert record["accelerator"] == "CPUAccelerator" and record["device"]  # the CPU's model name here
 
 
-def test_multinode_run_started_as_one_process_in_a_wrong_allocation_fails_fast(train_pt, tmp_path):
+def test_multinode_run_started_as_one_process_in_a_wrong_allocation_fails_fast(train_npz, tmp_path):
     # Inside an allocation of 1 node x 1 task, a 2-node run must not wait for ranks that never come.
     env = {"SLURM_JOB_ID": "1", "SLURM_STEP_ID": "0", "SLURM_NTASKS": "1", "SLURM_NNODES": "1", "MNISTFLOW_LAUNCHED": "1"}
-    result = train(train_pt, tmp_path / "w", env_extra=env, nodes=2)
+    result = train(train_npz, tmp_path / "w", env_extra=env, nodes=2)
     assert result.returncode == 2
     assert "SLURM_NNODES=1 but nodes=2" in result.stderr and "the run asked for 2 node(s)" in result.stderr

@@ -1,7 +1,7 @@
 """A LightningDataModule over whole splits held in memory as tensors.
 
 The tutorial path decodes every sample through PIL and `ToTensor` in a DataLoader; here a
-split is one tensor file, normalised once, and a batch is one indexing operation.
+split is one array file, normalised once, and a batch is one indexing operation.
 """
 
 from __future__ import annotations

@@ -28,19 +28,17 @@ def package_versions(packages=PACKAGES) -> dict[str, str | None]:
 
 
 def record() -> dict:
-    import torch
+    """Versions and host facts, read without importing torch (1.3 s): package metadata only.
 
-    cuda = torch.cuda.is_available()
+    The devices a run trained on are in its own record (train.json `device`), written on the
+    node that ran it; this job may run on another node.
+    """
     return {
         "python": platform.python_version(),
         "executable": sys.executable,
         "platform": platform.platform(),
         "packages": package_versions(),
-        "torch_cuda_build": torch.version.cuda,
-        "cuda_available": cuda,
-        "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else [],
         "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
         "conda_prefix": os.environ.get("CONDA_PREFIX"),
         # Environment modules loaded for the job (Lmod and Environment Modules both set it).
         "modules": [m for m in os.environ.get("LOADEDMODULES", "").split(":") if m],

@@ -1,6 +1,6 @@
 """Evaluation entry point: one process, the whole test split, every figure a report needs.
 
-    python -m mnistflow.evaluate --model model.ckpt --test-data test.pt --train-log metrics.csv --out DIR
+    python -m mnistflow.evaluate --model model.ckpt --test-data test.npz --train-log metrics.csv --out DIR
 
 Writes metrics.json (accuracy, loss, per-class precision and recall), per_class.csv,
 confusion_matrix.csv and .png, and learning_curves.png from the training log.
@@ -176,7 +176,7 @@ def _save(fig, path) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m mnistflow.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True)
-    p.add_argument("--test-data", required=True, help="the prepared test split (test.pt)")
+    p.add_argument("--test-data", required=True, help="the prepared test split (test.npz)")
     p.add_argument("--train-log", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--batch-size", type=int, default=EVAL_BATCH)

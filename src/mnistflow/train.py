@@ -1,4 +1,4 @@
-"""Training entry point: `python -m mnistflow.train --run NAME --params JSON --train-data train.pt --out DIR`.
+"""Training entry point: `python -m mnistflow.train --run NAME --params JSON --train-data train.npz --out DIR`.
 
 The same command serves every geometry. A distributed run re-launches itself as its
 processes (see launch.py); each process checks that what it was granted matches the
@@ -22,6 +22,7 @@ import errno
 import json
 import logging
 import os
+import platform
 import socket
 import sys
 import time
@@ -59,7 +60,7 @@ def parse_args(argv: Sequence[str] | None):
     p = argparse.ArgumentParser(prog="python -m mnistflow.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, help="run name (for records)")
     p.add_argument("--params", required=True, help="the run's resolved settings, as JSON")
-    p.add_argument("--train-data", required=True, help="the prepared training split (train.pt)")
+    p.add_argument("--train-data", required=True, help="the prepared training split (train.npz)")
     p.add_argument("--out", required=True, help="the run's output directory")
     p.add_argument("--val-size", type=int, default=5000)
     p.add_argument("--train-limit", type=int, default=0)
@@ -226,6 +227,7 @@ def train(args, run: dict, geometry: Geometry, granted: dict, threads: int) -> i
             "num_nodes": trainer.num_nodes,
             "strategy": type(trainer.strategy).__name__,
             "accelerator": type(trainer.accelerator).__name__,
+            "device": device_name(trainer.strategy.root_device),
             "hosts": hosts,
             "threads_per_process": threads,
             "resumed_from": str(resume) if resume else None,
@@ -271,6 +273,22 @@ def provenance(env_record: str | None) -> dict:
         "environment": json.loads(Path(env_record).read_text()) if env_record else None,
         "command": [sys.executable, "-m", "mnistflow.train", *sys.argv[1:]],
     }
+
+
+def device_name(device) -> str:
+    """What rank 0 trained on: the GPU's name, else the CPU's model name."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _gather_hosts(trainer) -> list[str]:

@@ -26,12 +26,12 @@ rule download:
 
 
 rule prepare:
-    """One tensor file per split, so training reads a whole split in one go."""
+    """One array file per split, so training reads a whole split in one go."""
     input:
         rules.download.output,
     output:
-        train=f"{DATA}/train.pt",
-        test=f"{DATA}/test.pt",
+        train=f"{DATA}/train.npz",
+        test=f"{DATA}/test.npz",
     log:
         "results/logs/prepare.log",
     benchmark:
