@@ -27,6 +27,21 @@ def test_fast_cnn_layers_and_default():
     assert isinstance(MNISTClassifier().net, FastCNN)
 
 
+def test_fast_cnn_runs_channels_last_and_loads_either_layout():
+    net = FastCNN()
+    second_conv = net.features[4].weight
+    assert second_conv.is_contiguous(memory_format=torch.channels_last) and not second_conv.is_contiguous()
+    pooled = net.features(torch.randn(4, 1, 28, 28))
+    assert pooled.is_contiguous(memory_format=torch.channels_last) and not pooled.is_contiguous()
+    # A state dict in the default layout (an earlier checkpoint) loads and gives the same logits.
+    nchw = {k: v.contiguous() for k, v in net.state_dict().items()}
+    other = FastCNN().eval()
+    other.load_state_dict(nchw)
+    x = torch.randn(3, 1, 28, 28)
+    assert torch.allclose(other(x), net.eval()(x), atol=1e-5)
+    assert other.features[4].weight.is_contiguous(memory_format=torch.channels_last)
+
+
 def test_evaluation_uses_batch_norm_running_statistics(tmp_path):
     """A prediction must not depend on which images share its batch: the loaded network is in
     eval mode, so batch norm uses the statistics training accumulated."""
