@@ -32,9 +32,9 @@ import yaml  # noqa: E402
 SNAKEMAKE = str(Path(common.PYTHON).parent / "snakemake")
 # The modules each rule's entry point imports when it runs (module level and inside its functions).
 ENTRY_IMPORTS = {
-    "environment (mnistflow.envinfo)": "import mnistflow.envinfo, torch",
+    "environment (mnistflow.envinfo)": "import mnistflow.envinfo; mnistflow.envinfo.record()",
     "download (mnistflow.data)": "import mnistflow.data, urllib.request; mnistflow.data.known_source('mnist')",
-    "prepare (mnistflow.data)": "import mnistflow.data, torch",
+    "prepare (mnistflow.data)": "import mnistflow.data, numpy, zipfile",
     "train / train_ddp (mnistflow.train)": "import mnistflow.train, torch, pytorch_lightning, mnistflow.datamodule, mnistflow.model, pytorch_lightning.loggers",
     "evaluate (mnistflow.evaluate)": "import mnistflow.evaluate, torch, mnistflow.networks, matplotlib.pyplot",
     "summarize (mnistflow.summarize)": "import mnistflow.summarize, matplotlib.pyplot",
