@@ -1,5 +1,6 @@
 localrules:
     download,
+    prepare,
 
 
 rule download:
@@ -26,7 +27,9 @@ rule download:
 
 
 rule prepare:
-    """One array file per split, so training reads a whole split in one go."""
+    """One array file per split, so training reads a whole split in one go.
+    A local rule: it takes under a second, less than a Slurm job's submission and polling.
+    """
     input:
         rules.download.output,
     output:
@@ -40,10 +43,6 @@ rule prepare:
         software_env("torch")
     envmodules:
         *ENV_MODULES,
-    resources:
-        runtime=10,
-        mem_mb=2000,
-        cpus_per_task=1,
     params:
         code=code_digest("mnistflow.data"),
         raw=lambda wildcards, input: directory_of(input),
