@@ -76,14 +76,8 @@ def load_time() -> str:
 def machine() -> dict:
     import torch
 
-    cpu = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from mnistflow.train import cpu_model
+
     mem = ""
     try:
         kb = int(Path("/proc/meminfo").read_text().split()[1])
@@ -95,7 +89,7 @@ def machine() -> dict:
 
     return {
         "host": platform.node(),
-        "cpu": cpu,
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "memory": mem,
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,

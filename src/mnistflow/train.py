@@ -281,6 +281,11 @@ def device_name(device) -> str:
 
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
+    return cpu_model() or platform.processor() or platform.machine()
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo; empty where there is none."""
     try:
         with open("/proc/cpuinfo") as cpuinfo:
             for line in cpuinfo:
@@ -288,7 +293,7 @@ def device_name(device) -> str:
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return ""
 
 
 def _gather_hosts(trainer) -> list[str]:
