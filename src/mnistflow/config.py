@@ -17,7 +17,7 @@ from .geometry import Geometry
 # The default recipe: 99% test accuracy on MNIST in 2 epochs, ~15 s of training on 2 CPU
 # cores. Why these values (measured in bench/results/time_to_accuracy.md):
 # - fast_cnn (networks.FastCNN): pooling after each convolution makes a sample ~12x cheaper
-#   than the examples CNN, which trains at ~1/4 of its samples/s for the same accuracy.
+#   than the examples CNN, which trains at ~1/7 of its samples/s for the same accuracy.
 # - AdamW with a one-cycle schedule: the examples' recipe (Adadelta lr 1.0, StepLR x0.7)
 #   needs 3-5 epochs for 99% on MNIST; a one-cycle warm-up and anneal gets there in 2.
 # - lr 0.02 with batch 128: batch norm takes the higher rate; batch 128 halves the steps,
