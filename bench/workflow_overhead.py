@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -171,13 +172,14 @@ def import_times(repeats):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="1,10,100,1000")
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5, help="dry runs of each size; the best counts (load only ever slows one)")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--skip-chain", action="store_true")
     args = p.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
     record = {"loadavg_start": common.load_time()}
-    record["dry_run"], record["snakemake_version_s"] = dry_runs(sizes, 1 if args.quick else args.repeats, probe=False)
+    repeats = 1 if args.quick else args.repeats
+    record["dry_run"], record["snakemake_version_s"] = dry_runs(sizes, repeats, probe=False)
     record["dry_run_as_installed"], record["snakemake_version_as_installed_s"] = dry_runs([sizes[0], sizes[-1]], 1, probe=True)
     record["dry_run_1000_s"] = next((d["seconds"] for d in record["dry_run"] if d["runs"] == 1000), None)
     record["dry_run_1000_as_installed_s"] = next((d["seconds"] for d in record["dry_run_as_installed"] if d["runs"] == 1000), None)
@@ -185,11 +187,13 @@ def main(argv=None):
     if not args.skip_chain:
         record["chain"] = chain(args.quick)
         record["chain_previous_default"] = chain(args.quick, PREVIOUS_DEFAULT)
-    md = ("Dry run (`snakemake --dry-run`, whole command, best of runs; half the runs single-process, half 2-node DDP), "
+    md = (f"Dry run (`snakemake --dry-run`, whole command, best and median of {repeats}; half the runs single-process, half 2-node DDP), "
           "with the Slurm plugin's `scontrol show config` probe short-circuited, and as installed on this machine "
           "(Slurm client present, no controller running: the probe waits ~9 s at every snakemake start):\n\n")
     installed = {d["runs"]: d["seconds"] for d in record["dry_run_as_installed"]}
-    md += common.table(["runs", "jobs", "seconds", "seconds as installed"], [[d["runs"], d["jobs"], d["seconds"], installed.get(d["runs"])] for d in record["dry_run"]])
+    md += common.table(["runs", "jobs", "best s", "median s", "seconds as installed"],
+                       [[d["runs"], d["jobs"], d["seconds"], round(statistics.median(d["each"]), 2), installed.get(d["runs"])]
+                        for d in record["dry_run"]])
     md += (f"\n\n(`snakemake --version` alone: {record['snakemake_version_s']} s; as installed "
            f"{record['snakemake_version_as_installed_s']} s)\n\nImport time of each rule's entry point (a fresh process "
            "that imports what the step imports, best of 3), and what Python's normal exit would add after it (the "
