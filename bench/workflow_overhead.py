@@ -175,12 +175,14 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=5, help="dry runs of each size; the best counts (load only ever slows one)")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--skip-chain", action="store_true")
+    p.add_argument("--no-as-installed", action="store_true", help="skip the dry runs with the Slurm probe left as installed")
     args = p.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
     record = {"loadavg_start": common.load_time()}
     repeats = 1 if args.quick else args.repeats
     record["dry_run"], record["snakemake_version_s"] = dry_runs(sizes, repeats, probe=False)
-    record["dry_run_as_installed"], record["snakemake_version_as_installed_s"] = dry_runs([sizes[0], sizes[-1]], 1, probe=True)
+    record["dry_run_as_installed"], record["snakemake_version_as_installed_s"] = (
+        ([], None) if args.no_as_installed else dry_runs([sizes[0], sizes[-1]], 1, probe=True))
     record["dry_run_1000_s"] = next((d["seconds"] for d in record["dry_run"] if d["runs"] == 1000), None)
     record["dry_run_1000_as_installed_s"] = next((d["seconds"] for d in record["dry_run_as_installed"] if d["runs"] == 1000), None)
     record["import_s"], record["teardown_s"] = import_times(1 if args.quick else 3)
