@@ -172,7 +172,7 @@ def import_times(repeats):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="1,10,100,1000")
-    p.add_argument("--repeats", type=int, default=5, help="dry runs of each size; the best counts (load only ever slows one)")
+    p.add_argument("--repeats", type=int, default=5, help="dry runs of each size; best and median recorded (load only ever slows one down)")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--skip-chain", action="store_true")
     p.add_argument("--no-as-installed", action="store_true", help="skip the dry runs with the Slurm probe left as installed")
