@@ -89,30 +89,25 @@ def test_label_range_checked(tmp_path):
         data.read_split(*_split(tmp_path, 2, 2, label_value=12))
 
 
-def test_known_sources_come_from_torchvision():
+@pytest.mark.parametrize("name, cls", [("mnist", "MNIST"), ("fashion_mnist", "FashionMNIST")])
+def test_known_sources_are_torchvisions(name, cls):
     from torchvision import datasets
 
-    mnist = data.known_source("mnist")
-    assert mnist.mirrors == tuple(datasets.MNIST.mirrors)
-    assert mnist.md5 == dict(datasets.MNIST.resources)
-    assert data.known_source("fashion_mnist").md5 == dict(datasets.FashionMNIST.resources)
-    assert data.known_source("fashion_mnist").mirrors == tuple(datasets.FashionMNIST.mirrors)
+    source, dataset = data.known_source(name), getattr(datasets, cls)
+    assert source.mirrors == tuple(dataset.mirrors)
+    assert dict(source.md5) == dict(dataset.resources) and set(source.md5) == set(data.FILES)
+
+
+def test_unknown_dataset_names_the_key():
     with pytest.raises(DataError, match="dataset.name: unknown dataset 'kmnist'"):
         data.known_source("kmnist")
 
 
-def test_known_sources_are_read_without_importing_torchvision():
-    """The download step reads torchvision's source; importing it would cost ~3 s (torch, torch._dynamo)."""
+def test_download_step_imports_neither_torch_nor_torchvision():
+    """Importing torchvision would cost ~3 s (torch, torch._dynamo) for a table of eight strings."""
     code = ("import sys; from mnistflow import data; s = data.known_source('mnist'); "
             "assert len(s.md5) == 4 and s.mirrors; assert 'torchvision' not in sys.modules and 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": str(REPO / "src")})
-
-
-def test_known_sources_fall_back_to_importing_torchvision(monkeypatch):
-    monkeypatch.setattr(data, "_torchvision_class_literals", lambda cls: None)
-    from torchvision import datasets
-
-    assert data.known_source("mnist").md5 == dict(datasets.MNIST.resources)
 
 
 def test_md5_override_names_the_key():

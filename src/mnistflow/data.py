@@ -59,52 +59,38 @@ class DatasetSource:
     md5: Mapping[str, str]
 
 
-TORCHVISION_CLASSES = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
+# The files' sources and MD5s, as torchvision's MNIST and FashionMNIST classes list them
+# (tests/test_data.py checks that they are equal). A table here, not an import: importing
+# torchvision costs ~3 s, and the download needs neither torch nor torchvision.
+KNOWN_SOURCES = {
+    "mnist": DatasetSource(
+        "mnist",
+        ("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/"),
+        {
+            "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+            "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
+            "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
+            "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
+        },
+    ),
+    "fashion_mnist": DatasetSource(
+        "fashion_mnist",
+        ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
+        {
+            "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+            "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
+            "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
+            "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
+        },
+    ),
+}
 
 
 def known_source(name: str) -> DatasetSource:
-    """torchvision's mirrors and checksums for a dataset named in config."""
-    if name not in TORCHVISION_CLASSES:
-        raise DataError(f"dataset.name: unknown dataset {name!r}; expected one of {sorted(TORCHVISION_CLASSES)}")
-    cls = TORCHVISION_CLASSES[name]
-    attributes = _torchvision_class_literals(cls) or _torchvision_class_imported(cls)
-    md5 = dict(attributes["resources"])
-    if set(md5) != set(FILES):
-        raise DataError(f"torchvision's {cls} lists files {sorted(md5)}, expected {sorted(FILES)}")
-    return DatasetSource(name, tuple(attributes["mirrors"]), md5)
-
-
-def _torchvision_class_literals(cls: str) -> dict | None:
-    """`mirrors` and `resources` as written in torchvision/datasets/mnist.py; None if they are not plain literals."""
-    import ast
-    import importlib.util
-
-    spec = importlib.util.find_spec("torchvision")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    source = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "mnist.py"
-    try:
-        tree = ast.parse(source.read_text())
-    except (OSError, SyntaxError):
-        return None
-    found = {}
-    for node in tree.body:
-        if isinstance(node, ast.ClassDef) and node.name == cls:
-            for stmt in node.body:
-                if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name):
-                    if stmt.targets[0].id in ("mirrors", "resources"):
-                        try:
-                            found[stmt.targets[0].id] = ast.literal_eval(stmt.value)
-                        except ValueError:
-                            return None
-    return found if set(found) == {"mirrors", "resources"} else None
-
-
-def _torchvision_class_imported(cls: str) -> dict:
-    from torchvision import datasets
-
-    dataset = getattr(datasets, cls)
-    return {"mirrors": dataset.mirrors, "resources": dataset.resources}
+    """The mirrors and checksums of a dataset named in config."""
+    if name not in KNOWN_SOURCES:
+        raise DataError(f"dataset.name: unknown dataset {name!r}; expected one of {sorted(KNOWN_SOURCES)}")
+    return KNOWN_SOURCES[name]
 
 
 def resolve_source(name: str, mirrors: Sequence[str] | None = None, md5: Mapping[str, str] | None = None) -> DatasetSource:
