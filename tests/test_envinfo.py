@@ -9,10 +9,17 @@ from mnistflow import envinfo
 from tests.conftest import REPO
 
 
-def test_record_names_the_packages_training_uses():
+def test_record_names_the_packages_training_imports_and_only_those():
     record = envinfo.record()
-    assert record["packages"]["torch"] and record["packages"]["pytorch-lightning"]
+    assert set(record["packages"]) == {"numpy", "pytorch-lightning", "torch"}, record["packages"]
+    assert all(record["packages"].values())
     assert record["python"].count(".") == 2 and record["cpu_count"] >= 1
+
+
+def test_each_entry_point_names_the_packages_it_imports():
+    assert set(envinfo.versions_imported_by("mnistflow.evaluate")) == {"matplotlib", "numpy", "torch"}
+    assert set(envinfo.versions_imported_by("mnistflow.summarize")) == {"matplotlib"}
+    assert set(envinfo.versions_imported_by("mnistflow.data")) == {"numpy", "torch"}
 
 
 def test_missing_package_is_recorded_as_none():

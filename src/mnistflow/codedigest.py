@@ -13,6 +13,7 @@ from __future__ import annotations
 import ast
 import functools
 import hashlib
+import sys
 from pathlib import Path
 
 PACKAGE = "mnistflow"
@@ -30,7 +31,8 @@ def _module_path(name: str) -> Path | None:
     return None
 
 
-def _imports(name: str, path: Path) -> set[str]:
+def _all_imports(name: str, path: Path) -> set[str]:
+    """Every module named by an import statement in `path`, relative ones resolved."""
     tree = ast.parse(path.read_text(), filename=str(path))
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found = set()
@@ -45,7 +47,11 @@ def _imports(name: str, path: Path) -> set[str]:
                 base = node.module or ""
             found.add(base)
             found.update(f"{base}.{alias.name}" for alias in node.names)  # `from . import model`
-    return {m for m in found if _module_path(m)}
+    return found
+
+
+def _imports(name: str, path: Path) -> set[str]:
+    return {m for m in _all_imports(name, path) if _module_path(m)}
 
 
 def closure(entry: str) -> list[str]:
@@ -71,8 +77,15 @@ def code_digest(entry: str) -> str:
     return digest.hexdigest()[:16]
 
 
-if __name__ == "__main__":
-    import sys
+def third_party_imports(entry: str) -> list[str]:
+    """The top-level names of the packages outside the project and the standard library
+    that `closure(entry)` imports (e.g. torch, numpy), sorted."""
+    names = set()
+    for module in closure(entry):
+        names.update(m.split(".")[0] for m in _all_imports(module, _module_path(module)) if m)
+    return sorted(n for n in names if n != PACKAGE and n not in sys.stdlib_module_names and n != "__future__")
 
+
+if __name__ == "__main__":
     for entry in sys.argv[1:] or ["mnistflow.train", "mnistflow.evaluate", "mnistflow.data", "mnistflow.summarize", "mnistflow.envinfo"]:
-        print(f"{entry}: {code_digest(entry)} <- {', '.join(closure(entry))}")
+        print(f"{entry}: {code_digest(entry)} <- {', '.join(closure(entry))}; imports {', '.join(third_party_imports(entry))}")

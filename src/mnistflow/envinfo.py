@@ -1,6 +1,11 @@
 """Environment record: what the training environment holds, written by the chain's first rule.
 
     python -m mnistflow.envinfo --out env.json
+
+It lists the packages that training imports (found in its code, codedigest.third_party_imports),
+and only those: training depends on the record, so a package that only evaluation or the
+summary uses (matplotlib) must not retrain. Those rules carry their own packages' versions
+as params (workflow/rules/common.smk, software_params).
 """
 
 from __future__ import annotations
@@ -13,18 +18,30 @@ import sys
 
 from .atomic import write_json
 from .cli import run_and_exit
+from .codedigest import third_party_imports
 
-PACKAGES = ("torch", "torchvision", "pytorch-lightning", "numpy", "matplotlib")
+# Import names whose distribution is named otherwise, where importlib.metadata cannot tell
+# (packages_distributions() could, but scans every installed package: 0.2 s at each parse).
+# lightning_fabric ships inside the pytorch-lightning wheel.
+DISTRIBUTIONS = {"pytorch_lightning": "pytorch-lightning", "lightning_fabric": "pytorch-lightning",
+                 "yaml": "PyYAML"}
 
 
-def package_versions(packages=PACKAGES) -> dict[str, str | None]:
+def package_versions(packages) -> dict[str, str | None]:
+    """{distribution: version or None} for import or distribution names."""
     versions = {}
     for name in packages:
+        dist = DISTRIBUTIONS.get(name, name)
         try:
-            versions[name] = importlib.metadata.version(name)
+            versions[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
+            versions[dist] = None
+    return dict(sorted(versions.items()))
+
+
+def versions_imported_by(entry: str) -> dict[str, str | None]:
+    """The versions of the packages an entry point (e.g. mnistflow.train) imports."""
+    return package_versions(third_party_imports(entry))
 
 
 def record() -> dict:
@@ -37,7 +54,7 @@ def record() -> dict:
         "python": platform.python_version(),
         "executable": sys.executable,
         "platform": platform.platform(),
-        "packages": package_versions(),
+        "packages": versions_imported_by("mnistflow.train"),
         "cpu_count": os.cpu_count(),
         "conda_prefix": os.environ.get("CONDA_PREFIX"),
         # Environment modules loaded for the job (Lmod and Environment Modules both set it).

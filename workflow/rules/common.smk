@@ -17,7 +17,7 @@ sys.path.insert(0, SRC)
 from mnistflow.codedigest import code_digest
 from mnistflow.config import ConfigError, resolve_runs
 from mnistflow.data import DOWNLOAD_ENV, FILES
-from mnistflow.envinfo import package_versions
+from mnistflow.envinfo import versions_imported_by
 from mnistflow.geometry import Geometry, GeometryError, PartitionNodes
 
 try:
@@ -117,7 +117,9 @@ def shell_prefix(modules, src):
       `module purge && module load M; <command>`: a failed load is printed and the command
       runs anyway, with whatever software is on PATH. The check also fails a job that
       ran without --sdm env-modules while modules are configured.
-    * PYTHONPATH, for every job (Snakemake removes an inherited one from jobs in a conda env).
+    * The package on PYTHONPATH, for every job, in front of what is there: an environment
+      module (EasyBuild's PyTorch) puts its packages on PYTHONPATH, and they must stay
+      importable. (Snakemake removes an inherited PYTHONPATH from jobs in a conda env.)
     """
     check = ""
     if modules:
@@ -127,7 +129,7 @@ def shell_prefix(modules, src):
             " loaded (its 'module load' failed, or the workflow runs without --sdm"
             ' env-modules)" >&2; exit 1; }; done; '
         )
-    prefix = f"{check}set -euo pipefail; export PYTHONPATH={shlex.quote(src)}; "
+    prefix = f'{check}set -euo pipefail; export PYTHONPATH={shlex.quote(src)}"${{PYTHONPATH:+:$PYTHONPATH}}"; '
     return prefix.replace("{", "{{").replace("}", "}}")  # shell.prefix() formats it
 
 

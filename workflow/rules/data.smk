@@ -45,6 +45,7 @@ rule prepare:
         *ENV_MODULES,
     params:
         code=code_digest("mnistflow.data"),
+        packages=versions_imported_by("mnistflow.data"),
         raw=lambda wildcards, input: directory_of(input),
         out=lambda wildcards, output: directory_of(output),
     shell:

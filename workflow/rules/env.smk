@@ -20,7 +20,7 @@ rule environment:
     params:
         code=code_digest("mnistflow.envinfo"),
         # Without --sdm conda the rules run in Snakemake's own environment: a changed
-        # package version there reruns the record, and with it training.
-        packages=package_versions(),
+        # version of a package training imports reruns the record, and with it training.
+        packages=versions_imported_by("mnistflow.train"),
     shell:
         "python -m mnistflow.envinfo --out {output} > {log} 2>&1"

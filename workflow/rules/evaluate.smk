@@ -35,6 +35,7 @@ rule evaluate:
         runtime=15,
     params:
         code=code_digest("mnistflow.evaluate"),
+        packages=versions_imported_by("mnistflow.evaluate"),
         batch_size=config["evaluate"]["batch_size"],
         out=lambda wildcards, output: directory_of(output.metrics),
     shell:

@@ -27,6 +27,7 @@ rule summarize:
         *ENV_MODULES,
     params:
         code=code_digest("mnistflow.summarize"),
+        packages=versions_imported_by("mnistflow.summarize"),
         runs=list(RUNS),
         results=lambda wildcards, input: os.path.dirname(directory_of(input.records)),
         out=lambda wildcards, output: directory_of(output.csv),
