@@ -303,8 +303,9 @@ def train_entry(args, device, tmp, name, nodes, precision, backend=None, timeout
     rec["wall_s"] = round(time.perf_counter() - t0, 2)
     if (out / "train.json").exists():
         tj = json.loads((out / "train.json").read_text())
-        rec.update({k: tj.get(k) for k in ("world_size", "strategy", "accelerator", "hosts", "fit_s", "train_s",
+        rec.update({k: tj.get(k) for k in ("world_size", "strategy", "accelerator", "hosts", "train_s",
                                           "samples_per_s", "epochs", "global_step")})
+        rec["fit_s"] = tj["attempts"][-1]["fit_s"]
         images, labels = load_split(args.data / "test.npz")
         logits = predict(load_model(out / "model.ckpt"), images)
         rec["test_acc"] = round(float((logits.argmax(1) == labels).float().mean()), 4)

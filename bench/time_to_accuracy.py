@@ -60,7 +60,7 @@ def ours(root: Path, name: str, settings: dict, threads: int, tmp: Path) -> dict
     acc, eval_s = test_accuracy(out / "model.ckpt", root / "test.npz")
     record = json.loads((out / "train.json").read_text())
     return {"settings": settings, "wall_s": round(wall, 2), "eval_s": round(eval_s, 2), "time_s": round(wall + eval_s, 2),
-            "fit_s": record["fit_s"], "samples_per_s": record["samples_per_s"], "test_acc": round(acc, 4)}
+            "fit_s": record["attempts"][-1]["fit_s"], "samples_per_s": record["samples_per_s"], "test_acc": round(acc, 4)}
 
 
 def ours_to_target(root, name, settings, threads, tmp, max_epochs) -> dict:

@@ -34,6 +34,7 @@ import yaml
 from mnistflow import data, offline
 from mnistflow.data import FILES
 from tests.conftest import TEST_CONFIG, Workflow, copy_workflow
+from tests.processes import background, job_processes, one_process, wait_for  # noqa: F401
 
 pytestmark = pytest.mark.faults
 
@@ -81,80 +82,6 @@ def prepared(base, tmp_path):
 
 
 # ---- helpers --------------------------------------------------------------------------------
-
-
-class Background:
-    """Snakemake started in its own session (process group), its output in a file."""
-
-    def __init__(self, wf: Workflow, *args, env: dict | None = None):
-        self.output_path = wf.root / f"snakemake-{time.monotonic_ns()}.out"
-        with open(self.output_path, "w") as out:
-            self.proc = subprocess.Popen(
-                wf.command(*args), cwd=wf.root, env={**wf.env(), **(env or {})},
-                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-            )
-
-    def wait(self, timeout: float) -> int:
-        return self.proc.wait(timeout=timeout)
-
-    def output(self) -> str:
-        return self.output_path.read_text()
-
-    def kill_group(self) -> None:
-        """SIGKILL Snakemake and every job it started (they share its process group)."""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(timeout=30)
-
-
-@contextlib.contextmanager
-def background(wf: Workflow, *args, env: dict | None = None):
-    bg = Background(wf, *args, env=env)
-    try:
-        yield bg
-    finally:
-        bg.kill_group()  # whatever the test left running: only this test's processes
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
-    return value
-
-
-def job_processes(wf: Workflow, module: str, run: str | None = None, node_rank: int | None = None) -> list[int]:
-    """Ids of the `python -m mnistflow.<module>` processes running in this workflow copy."""
-    root = os.path.realpath(wf.root)
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            args = [a.decode(errors="replace") for a in Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")]
-            if f"mnistflow.{module}" not in args or os.readlink(f"/proc/{entry}/cwd") != root:
-                continue
-            if run is not None and (args[args.index("--run") + 1] if "--run" in args else None) != run:
-                continue
-            if node_rank is not None:
-                env = dict(
-                    kv.split("=", 1) for kv in Path(f"/proc/{entry}/environ").read_bytes().decode(errors="replace").split("\0") if "=" in kv
-                )
-                if env.get("NODE_RANK") != str(node_rank):
-                    continue
-        except (OSError, ValueError, IndexError):
-            continue  # exited meanwhile
-        found.append(int(entry))
-    return found
-
-
-def one_process(wf, module, run=None, node_rank=None, timeout=120) -> int:
-    pids = wait_for(lambda: job_processes(wf, module, run, node_rank), timeout, f"the {module} process of {run}")
-    assert len(pids) == 1, pids
-    return pids[0]
 
 
 def fingerprint(wf: Workflow, paths) -> dict[str, tuple[str, int]]:
@@ -392,6 +319,10 @@ def _write_bad_checkpoint(kind: str, path: Path, identity: dict, marker: Path) -
         torch.save({**good, "mnistflow_run": {**identity, "settings": {**identity["settings"], "lr": 0.1}}}, path)
     elif kind == "other-data":
         torch.save({**good, "mnistflow_run": {**identity, "train_data_md5": "0" * 32}}, path)
+    elif kind == "other-code":
+        torch.save({**good, "mnistflow_run": {**identity, "code_digest": "0" * 16}}, path)
+    elif kind == "other-packages":
+        torch.save({**good, "mnistflow_run": {**identity, "packages": {**identity["packages"], "torch": "2.0.0"}}}, path)
     elif kind == "unstamped":
         torch.save({k: v for k, v in good.items() if k != "mnistflow_run"}, path)
 
@@ -402,8 +333,10 @@ CHECKPOINTS = {
     "garbage": ("corrupt", "cannot be loaded with weights_only=True (UnpicklingError: Unsupported operand 0)"),
     "runs-code": ("corrupt", "cannot be loaded with weights_only=True (UnpicklingError: Trying to load unsupported GLOBAL posix.system"),
     "not-a-checkpoint": ("corrupt", "is not a Lightning checkpoint"),
-    "other-settings": ("foreign", "was written for other settings or data (settings.lr: 0.1 -> 0.003)"),
+    "other-settings": ("foreign", "was written for other settings, data, code or packages (settings.lr: 0.1 -> 0.003)"),
     "other-data": ("foreign", "train_data_md5: '00000000000000000000000000000000' -> "),
+    "other-code": ("foreign", "(code_digest: '0000000000000000' -> 'c0de'"),
+    "other-packages": ("foreign", "(packages.torch: '2.0.0' -> '2.14.1')"),
     "unstamped": ("foreign", "(it records no run settings)"),
 }
 
@@ -414,7 +347,8 @@ def test_unusable_checkpoint_is_set_aside_with_a_warning(kind, tmp_path, caplog)
 
     train_npz = tmp_path / "train.npz"
     train_npz.write_bytes(b"training data")
-    identity = {"settings": {"lr": 0.003, "model": "mlp"}, "val_size": 100, "train_limit": 0, "train_data_md5": data.md5sum(train_npz)}
+    identity = {"settings": {"lr": 0.003, "model": "mlp"}, "val_size": 100, "train_limit": 0, "train_data_md5": data.md5sum(train_npz),
+                "code_digest": "c0de", "packages": {"torch": "2.14.1", "numpy": "2.4.6"}}
     last, logs, marker = tmp_path / "last.ckpt", tmp_path / "logs", tmp_path / "code-ran"
     logs.mkdir()
     (logs / "metrics.csv").write_text("epoch,step\n0,3\n")
@@ -428,6 +362,26 @@ def test_unusable_checkpoint_is_set_aside_with_a_warning(kind, tmp_path, caplog)
     assert len(aside) == 1 and aside[0].read_bytes() == original  # kept, byte for byte
     assert not last.exists() and not logs.exists() and list(tmp_path.glob(f"logs.{reason}-*"))
     assert not marker.exists(), "loading the checkpoint ran code from it"
+
+
+def test_logs_of_another_identity_without_a_checkpoint_are_set_aside(tmp_path, caplog):
+    """An attempt killed before its first epoch ended leaves logs and no checkpoint; after a
+    change of settings the next attempt must not count it among its own."""
+    from mnistflow.resume import Attempt, identity_digest, read_attempts, usable_checkpoint
+
+    old, new = {"settings": {"lr": 0.1}}, {"settings": {"lr": 0.003}}
+    logs = tmp_path / "logs"
+    Attempt(logs, old).begin()
+    assert usable_checkpoint(tmp_path / "last.ckpt", new, logs) is None
+    assert not logs.exists() and f"holds attempts of another identity ({identity_digest(old)})" in caplog.text
+    [aside] = tmp_path.glob("logs.foreign-*")
+    assert [a["identity"] for a in read_attempts(aside / "attempts.jsonl")] == [identity_digest(old)]
+    # the same identity's logs stay: the retry is the next attempt of the same training
+    Attempt(logs, new).begin()
+    assert usable_checkpoint(tmp_path / "last.ckpt", new, logs) is None and logs.exists()
+    second = Attempt(logs, new)
+    second.begin()
+    assert [a["attempt"] for a in second.all()] == [1, 2] and second.all()[0]["ended"] is None
 
 
 def test_valid_checkpoint_is_resumed_and_evaluation_refuses_pickled_code(tmp_path):
@@ -451,7 +405,7 @@ def test_valid_checkpoint_is_resumed_and_evaluation_refuses_pickled_code(tmp_pat
 def test_corrupt_then_foreign_last_ckpt_through_the_workflow(prepared):
     """A corrupt last.ckpt, then one left by other settings (an lr change): both set aside,
     training restarts at epoch 0 and runs every epoch (before: a cryptic unpickling error,
-    and a settings change silently 'resumed' the finished old run)."""
+    and a settings change silently 'resumed' the old run)."""
     wf = prepared
     wf.write_config("extra.yaml", {"dataset": TINY, "runs": {"ck": {"model": "mlp", "epochs": 2, "lr": 0.003}}})
     ckpt_dir = wf.path("results/runs/ck/checkpoints")
@@ -464,11 +418,15 @@ def test_corrupt_then_foreign_last_ckpt_through_the_workflow(prepared):
     assert record["resumed_from"] is None and record["epochs"] == 2
     steps = record["global_step"]
     assert [p.read_bytes()[:4] for p in ckpt_dir.glob("last.ckpt.corrupt-*")] == [b"\x80\x02 n"]
+    assert not (ckpt_dir / "last.ckpt").exists()  # the finished run's resume state is retired
 
+    # a checkpoint of the lr-0.003 training left behind (as an unfinished run of it would),
+    # then the lr changes
+    shutil.copy(wf.path("results/runs/ck/model.ckpt"), ckpt_dir / "last.ckpt")
     wf.write_config("extra.yaml", {"dataset": TINY, "runs": {"ck": {"model": "mlp", "epochs": 2, "lr": 0.01}}})
     wf.snakemake("--cores", "2", "results/runs/ck/train.json", timeout=300)
     log = wf.path("results/logs/train/ck.log").read_text()
-    assert "was written for other settings or data (settings.lr: 0.003 -> 0.01)" in log, log[-3000:]
+    assert "was written for other settings, data, code or packages (settings.lr: 0.003 -> 0.01)" in log, log[-3000:]
     record = json.loads(wf.path("results/runs/ck/train.json").read_text())
     assert record["resumed_from"] is None and record["epochs"] == 2 and record["global_step"] == steps
     assert epochs_logged(wf.path("results/runs/ck/metrics.csv")) == [0, 1]
@@ -528,7 +486,10 @@ def test_download_that_stalls_times_out_and_leaves_nothing(tmp_path, mirror, slu
 
 def _assert_resumed_to_the_end(wf: Workflow, run: str, epochs: int = 3):
     record = json.loads(wf.path(f"results/runs/{run}/train.json").read_text())
-    assert record["resumed_from"] and record["resumed_from"].endswith("checkpoints/last.ckpt"), record["resumed_from"]
+    resumed = record["resumed_from"]
+    assert resumed and resumed["checkpoint"].endswith("checkpoints/last.ckpt"), resumed
+    # the checkpoint it resumed from was the same training's: its identity is the run's
+    assert resumed["identity"] == record["attempts"][-1]["identity"] and resumed["written_by_attempt"] >= 1, record["attempts"]
     # every epoch trained exactly once: the steps of `epochs` epochs, one validation row each
     assert record["epochs"] == epochs and record["global_step"] == epochs * STEPS_PER_EPOCH, record
     assert epochs_logged(wf.path(f"results/runs/{run}/metrics.csv")) == list(range(epochs))
@@ -653,6 +614,7 @@ def test_disk_full_while_checkpointing_or_writing_results(prepared):
         wf.snakemake("--cores", "2", "results/runs/full/train.json", timeout=300)
         record = json.loads(wf.path("results/runs/full/train.json").read_text())
         assert record["resumed_from"] and record["epochs"] == 2
+        assert not (ckpt_dir / "last.ckpt").exists()  # retired once the run finished
 
     eval_dir = wf.path("results/runs/full/eval")
     with tmpfs(eval_dir, "16k"):  # room for the CSVs, not for the plots

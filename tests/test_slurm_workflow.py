@@ -156,18 +156,20 @@ def test_preempted_training_resumes_from_its_checkpoint(slurm_cluster, tmp_path_
     assert proc.returncode == 0, out[-6000:] + wf.logs_tail()
     record = json.loads(wf.path("results/runs/long/train.json").read_text())
     assert record["epochs"] == 4
-    assert record["resumed_from"] and record["resumed_from"].endswith("last.ckpt")
+    assert record["resumed_from"] and record["resumed_from"]["checkpoint"].endswith("last.ckpt")
     attempts = record["attempts"]
-    assert attempts[-1]["outcome"] == "finished" and attempts[-1]["resumed_from"].endswith("last.ckpt"), attempts
+    assert attempts[-1]["outcome"] == "finished" and attempts[-1]["resumed_from"] == record["resumed_from"], attempts
     if interruption == "signal":
         assert attempts[0]["outcome"].startswith("preempted: SIGUSR1 received at epoch"), attempts
         assert "stopped after saving epoch" in attempts[0]["outcome"], attempts
         assert attempts[0]["slurm_job_id"] == str(jobid)
         assert len(slurm_jobs(wf)["train/long"]) == 2, slurm_jobs(wf)  # the preempted job and its retry
     else:
-        # requeue kills the job's processes without warning and starts the same job again
+        # requeue kills the job's processes without warning and starts the same job again:
+        # the attempt it ended is on record too, not finished
         assert int(slurm_cluster.scontrol_show_job(jobid)["Restarts"]) == 1
         assert attempts[-1]["slurm_job_id"] == str(jobid)
+        assert len(attempts) == 2 and attempts[0]["outcome"] != "finished" and attempts[0]["slurm_job_id"] == str(jobid), attempts
 
 
 def test_geometry_no_node_of_the_partition_holds_is_refused_before_submission(slurm_cluster, tmp_path_factory, mirror):

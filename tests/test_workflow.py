@@ -61,7 +61,10 @@ def test_runs_trained_and_evaluated(chain, run):
     assert len(metrics["per_class"]) == 10 and all(c["support"] > 0 for c in metrics["per_class"])
     for name in ("confusion_matrix.png", "learning_curves.png", "confusion_matrix.csv", "per_class.csv"):
         assert chain.path(f"results/runs/{run}/eval/{name}").stat().st_size > 0
-    assert chain.path(f"results/runs/{run}/checkpoints/last.ckpt").exists()
+    # a finished run's resume state is retired: its logs kept aside, no last.ckpt to resume from
+    assert not chain.path(f"results/runs/{run}/checkpoints/last.ckpt").exists()
+    attempts = chain.path(f"results/runs/{run}/logs.finished/attempts.jsonl").read_text().splitlines()
+    assert [json.loads(a)["outcome"] for a in attempts] == ["finished"] == [a["outcome"] for a in record["attempts"]]
 
 
 def test_multinode_run_really_ran_ddp_across_node_processes(chain):

@@ -65,12 +65,22 @@ def make_throughput_callback():
 
     class Throughput(pl.Callback):
         """Samples this process trained, and the seconds from each epoch's start to its last batch
-        (data fetching included, validation excluded)."""
+        (data fetching included, validation excluded). The counts travel in the checkpoint, so
+        after a resume they cover every epoch behind the weights, whichever attempt trained it;
+        `restored` is what the checkpoint brought."""
 
         def __init__(self):
             self.samples = 0
             self.seconds = 0.0
+            self.restored = {"samples": 0, "seconds": 0.0}
             self._t = None
+
+        def state_dict(self):
+            return {"samples": self.samples, "seconds": self.seconds}
+
+        def load_state_dict(self, state_dict):
+            self.samples, self.seconds = int(state_dict["samples"]), float(state_dict["seconds"])
+            self.restored = {"samples": self.samples, "seconds": self.seconds}
 
         def on_train_epoch_start(self, trainer, pl_module):
             self._t = time.perf_counter()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 import pytorch_lightning as pl
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .data import load_split, normalise
 
@@ -71,15 +71,23 @@ class MNISTDataModule(pl.LightningDataModule):
             images, labels = load_split(self.test_path)
             self.test_set = TensorSplit(normalise(images), labels)
 
-    def _loader(self, split, batch_size, shuffle):
-        return DataLoader(split, batch_size=batch_size, shuffle=shuffle, collate_fn=_batch_as_is, num_workers=0)
+    def _loader(self, split, batch_size, sampler=None):
+        # A generator of the loader's own: otherwise each iterator draws its seed from torch's
+        # global one, which dropout uses, and a resumed run would draw differently.
+        return DataLoader(split, batch_size=batch_size, sampler=sampler, collate_fn=_batch_as_is, num_workers=0,
+                          generator=torch.Generator().manual_seed(self.seed))
 
     def train_dataloader(self):
-        # Lightning swaps in a DistributedSampler under DDP and keeps the collate_fn.
-        return self._loader(self.train_set, self.batch_size, shuffle=True)
+        # Each epoch's order comes from (seed, epoch), which Lightning sets on the sampler, so a
+        # run resumed after epoch k draws epoch k+1's order, not epoch 0's again. Under DDP the
+        # same sampler gives each process its share (Lightning keeps a DistributedSampler).
+        trainer = self.trainer
+        replicas, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
+        sampler = DistributedSampler(self.train_set, num_replicas=replicas, rank=rank, shuffle=True, seed=self.seed)
+        return self._loader(self.train_set, self.batch_size, sampler)
 
     def val_dataloader(self):
-        return self._loader(self.val_set, self.eval_batch_size, shuffle=False) if self.val_set else []
+        return self._loader(self.val_set, self.eval_batch_size) if self.val_set else []
 
     def test_dataloader(self):
-        return self._loader(self.test_set, self.eval_batch_size, shuffle=False)
+        return self._loader(self.test_set, self.eval_batch_size)

@@ -1,21 +1,38 @@
-"""Resuming a run: which checkpoint to resume from, and what each attempt leaves behind.
+"""Resuming a run: which checkpoint to resume from, what each attempt leaves on record, and
+when the resume state is retired.
 
-Checkpoints are written atomically and stamped with what they were trained on; one that
-cannot be loaded with weights_only=True, or was trained for other settings or data, is set
-aside rather than resumed. Lightning's CSV logger deletes an existing log on resume, so the
-earlier attempts' logs are kept and merged; each attempt is recorded in attempts.jsonl.
+A run resumes only from a checkpoint of the same unfinished training: checkpoints are
+written atomically and stamped with the run's identity (run_identity: settings, data, code,
+packages); one that cannot be loaded with weights_only=True, or was written for another
+identity, is set aside rather than resumed. Once a run's outputs are written its resume
+state is retired (retire_resume_state), so a later rerun of the job (a changed input, code
+or environment record, --forcerun) trains from epoch 0 instead of "resuming" the finished
+run. Lightning's CSV logger deletes an existing log on resume, so the earlier attempts'
+logs are kept and merged; each attempt is on record in attempts.jsonl.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import logging
 import os
+import shutil
 import socket
+import uuid
 from pathlib import Path
 
 log = logging.getLogger("mnistflow.train")
+
+# The keys under which every checkpoint records what it was trained on (run_identity), the
+# attempt that wrote it, and the random state training continues from.
+CHECKPOINT_KEY = "mnistflow_run"
+ATTEMPT_KEY = "mnistflow_attempt"
+RNG_KEY = "mnistflow_rng"
+TRAINING_ENTRY = "mnistflow.train"
+# Where a finished run's logs go: the next training of the run starts with none.
+FINISHED_LOGS = "logs.finished"
 
 
 def atomic_checkpoint_io():
@@ -33,57 +50,144 @@ def atomic_checkpoint_io():
     return AtomicCheckpointIO()
 
 
-def record_attempt(log_dir: Path, started, resumed_from, outcome: str) -> list[dict]:
-    """Append this attempt to <out>/logs/attempts.jsonl (kept across retries, unlike the rule's
-    log, which Snakemake deletes before each attempt); return every attempt so far."""
-    entry = {
-        "started": started.isoformat(timespec="seconds"),
-        "ended": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "resumed_from": str(resumed_from) if resumed_from else None,
-        "outcome": outcome,
-        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
-        "host": os.environ.get("SLURMD_NODENAME") or socket.gethostname(),
-    }
-    path = log_dir / "attempts.jsonl"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        fh.write(json.dumps(entry) + "\n")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-# The key under which every checkpoint records what it was trained on (run_identity).
-CHECKPOINT_KEY = "mnistflow_run"
-
-
-def run_identity(run: dict, args) -> dict:
-    """What a checkpoint must have been trained on for this run to resume from it."""
+def run_identity(run: dict, train_data, val_size: int, train_limit: int) -> dict:
+    """What a checkpoint must have been trained on for this run to resume from it: everything
+    that changes what training computes. The settings include the geometry (nodes, devices),
+    which sets each process's share of the batch. Computed without importing torch."""
+    from .codedigest import code_digest
     from .data import md5sum
+    from .envinfo import versions_imported_by
 
-    return {"settings": run, "val_size": args.val_size, "train_limit": args.train_limit,
-            "train_data_md5": md5sum(args.train_data)}
+    return {"settings": run, "val_size": val_size, "train_limit": train_limit,
+            "train_data_md5": md5sum(train_data), "code_digest": code_digest(TRAINING_ENTRY),
+            "packages": versions_imported_by(TRAINING_ENTRY)}
 
 
-def stamp_checkpoints(identity: dict):
+def identity_digest(identity: dict) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class Attempt:
+    """One attempt at a run, on record in <out>/logs/attempts.jsonl from its start to its end.
+
+    The line is written when the attempt starts, before torch is imported, and completed
+    when it ends, so an attempt that is killed (SIGKILL, the OOM killer, the time limit)
+    stays on record as started and never ended. The file outlives retries and requeues,
+    unlike the rule's log, which Snakemake deletes before each attempt. Only the first
+    process writes it.
+    """
+
+    def __init__(self, log_dir: Path, identity: dict):
+        self.path = Path(log_dir) / "attempts.jsonl"
+        self.entry = {
+            "attempt": None,
+            "id": uuid.uuid4().hex[:12],
+            "started": _now(),
+            "ended": None,
+            "outcome": None,
+            "identity": identity_digest(identity),
+            "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+            "host": os.environ.get("SLURMD_NODENAME") or socket.gethostname(),
+            "resumed_from": None,
+        }
+
+    @property
+    def number(self) -> int | None:
+        return self.entry["attempt"]
+
+    def begin(self) -> None:
+        """Put this attempt on record (again, after its logs were set aside), numbered after the others."""
+        self.entry["attempt"] = len(self._others()) + 1
+        self._save()
+
+    def update(self, **fields) -> None:
+        self.entry.update(fields)
+        self._save()
+
+    def end(self, outcome: str, **figures) -> None:
+        self.update(ended=_now(), outcome=outcome, **figures)
+
+    def all(self) -> list[dict]:
+        return read_attempts(self.path)
+
+    def _others(self) -> list[dict]:
+        return [e for e in read_attempts(self.path) if e.get("id") != self.entry["id"]]
+
+    def _save(self) -> None:
+        from .atomic import write_text
+
+        entries = sorted([*self._others(), self.entry], key=lambda e: e.get("attempt") or 0)
+        write_text(self.path, "".join(json.dumps(e) + "\n" for e in entries))
+
+
+def read_attempts(path: Path) -> list[dict]:
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        return []
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def resume_state_callback(identity: dict, attempt: int | None):
+    """The callback that makes a resume exact and traceable.
+
+    Saving, it stamps every checkpoint with the run's identity and the attempt, and keeps
+    torch's random state (dropout draws from it; Lightning does not save it). Loading, it
+    notes what it resumed from, and it puts that random state back at the start of the first
+    resumed epoch, where the uninterrupted run has it: the data loaders draw from generators
+    of their own, so nothing between the save and that point takes from torch's. Under DDP
+    every process starts from the same seed and draws alike, so rank 0's state serves all.
+    """
     import pytorch_lightning as pl
+    import torch
 
-    class StampCheckpoints(pl.Callback):
-        """Records the run's identity in every checkpoint, for usable_checkpoint to compare."""
+    class ResumeState(pl.Callback):
+        def __init__(self):
+            self.resumed_from: dict | None = None
+            self._rng = None
 
         def on_save_checkpoint(self, trainer, pl_module, checkpoint):
             checkpoint[CHECKPOINT_KEY] = identity
+            checkpoint[ATTEMPT_KEY] = attempt
+            checkpoint[RNG_KEY] = {"torch": torch.get_rng_state(),
+                                   "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []}
 
-    return StampCheckpoints()
+        def on_load_checkpoint(self, trainer, pl_module, checkpoint):
+            self._rng = checkpoint.get(RNG_KEY)
+            self.resumed_from = {"epochs_done": checkpoint["epoch"] + 1, "global_step": checkpoint["global_step"],
+                                 "written_by_attempt": checkpoint.get(ATTEMPT_KEY),
+                                 "identity": identity_digest(checkpoint[CHECKPOINT_KEY])}
+
+        def on_train_epoch_start(self, trainer, pl_module):
+            if self._rng is not None:
+                torch.set_rng_state(self._rng["torch"])
+                if self._rng["cuda"]:
+                    torch.cuda.set_rng_state_all(self._rng["cuda"])
+                self._rng = None
+
+    return ResumeState()
 
 
 def usable_checkpoint(last: Path, identity: dict, log_dir: Path) -> Path | None:
     """`last` if this run can resume from it, else None: training starts at epoch 0.
 
     A checkpoint that cannot be loaded with weights_only=True (truncated, not a checkpoint,
-    or one that would run pickled code) is "corrupt"; one written for other settings or
-    data (e.g. before a change of lr or epochs) is "foreign". Either is set aside, with the
-    logs of its attempts, as `<name>.<corrupt|foreign>-<time>`, with a warning.
+    or one that would run pickled code) is "corrupt"; one written for another identity (a
+    change of lr, code, data or packages while the run was unfinished) is "foreign". Either
+    is set aside, with the logs of its attempts, as `<name>.<corrupt|foreign>-<time>`, with a
+    warning that names the difference. Logs left without a checkpoint by attempts of another
+    identity (killed before their first epoch ended) are set aside as foreign too.
     """
     if not last.exists():
+        others = {e.get("identity") for e in read_attempts(log_dir / "attempts.jsonl")} - {identity_digest(identity)}
+        if others and is_first_process():
+            _set_aside([log_dir], "foreign")
+            log.warning("%s holds attempts of another identity (%s) and no checkpoint; set aside, training "
+                        "starts from epoch 0", log_dir, ", ".join(sorted(map(str, others))))
         return None
     import torch
 
@@ -101,21 +205,39 @@ def usable_checkpoint(last: Path, identity: dict, log_dir: Path) -> Path | None:
         if not isinstance(checkpoint, dict) or not {"state_dict", "epoch", "global_step"} <= set(checkpoint):
             reason, why = "corrupt", "is not a Lightning checkpoint"
         elif checkpoint.get(CHECKPOINT_KEY) != identity:
-            reason, why = "foreign", f"was written for other settings or data ({_differences(checkpoint.get(CHECKPOINT_KEY), identity)})"
+            reason, why = "foreign", f"was written for other settings, data, code or packages ({_differences(checkpoint.get(CHECKPOINT_KEY), identity)})"
         else:
             return last
     if not is_first_process():
         log.warning("%s %s; training starts from epoch 0 (the first process sets it aside)", last, why)
         return None
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    while any(p.with_name(f"{p.name}.{reason}-{stamp}").exists() for p in (last, log_dir)):
-        stamp += "x"  # never replace an earlier set-aside
-    for path in (last, log_dir):
-        if path.exists():
-            os.replace(path, path.with_name(f"{path.name}.{reason}-{stamp}"))
+    stamp = _set_aside([last, log_dir], reason)
     log.warning("%s %s; set aside as %s.%s-%s (with its logs), training starts from epoch 0",
                 last, why, last.name, reason, stamp)
     return None
+
+
+def _set_aside(paths, reason: str) -> str:
+    """Rename each existing path to `<name>.<reason>-<time>`, never over an earlier one; return the stamp."""
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    while any(p.with_name(f"{p.name}.{reason}-{stamp}").exists() for p in paths):
+        stamp += "x"
+    for path in paths:
+        if path.exists():
+            os.replace(path, path.with_name(f"{path.name}.{reason}-{stamp}"))
+    return stamp
+
+
+def retire_resume_state(out: Path) -> None:
+    """After a run's outputs are written: remove its last.ckpt (model.ckpt holds the same
+    weights) and move its logs to logs.finished/, replacing an earlier run's. A later
+    training of the run, whatever reran it, then starts from epoch 0 with fresh logs."""
+    out = Path(out)
+    (out / "checkpoints" / "last.ckpt").unlink(missing_ok=True)
+    finished = out / FINISHED_LOGS
+    if (out / "logs").exists():
+        shutil.rmtree(finished, ignore_errors=True)
+        os.replace(out / "logs", finished)
 
 
 def _differences(recorded, identity: dict) -> str:
@@ -123,8 +245,10 @@ def _differences(recorded, identity: dict) -> str:
         return "it records no run settings"
 
     def flat(d):
-        return {**{k: v for k, v in d.items() if k != "settings"},
-                **{f"settings.{k}": v for k, v in (d.get("settings") or {}).items()}}
+        out = {}
+        for key, value in d.items():
+            out.update({f"{key}.{k}": v for k, v in value.items()} if isinstance(value, dict) else {key: value})
+        return out
 
     old, new = flat(recorded), flat(identity)
     return ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k))

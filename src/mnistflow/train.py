@@ -3,15 +3,16 @@
 The same command serves every geometry. A distributed run re-launches itself as its
 processes (see launch.py); each process checks that what it was granted matches the
 geometry, builds the Trainer from the run's settings, resumes from
-`<out>/checkpoints/last.ckpt` when one exists, and trains. Declared outputs are written
-atomically at the end, by rank 0:
+`<out>/checkpoints/last.ckpt` when one of the same unfinished training exists (resume.py),
+and trains. Declared outputs are written atomically at the end, by rank 0:
 
     model.ckpt    the final checkpoint (weights and hyperparameters)
-    metrics.csv   the CSV logger's per-step and per-epoch log
-    train.json    geometry, granted processes, hosts, times, throughput, final metrics
+    metrics.csv   the CSV logger's per-step and per-epoch log, over every attempt
+    train.json    settings, provenance, geometry, hosts, throughput, every attempt, final metrics
 
 `<out>/checkpoints/` and `<out>/logs/` are not declared outputs, so a failed or
-preempted job keeps them and its rerun resumes.
+preempted job keeps them and its rerun resumes. Once the outputs are written, the resume
+state is retired: a finished run never resumes.
 """
 
 from __future__ import annotations
@@ -34,14 +35,15 @@ from .cli import run_and_exit
 from .geometry import Geometry, GeometryError
 from .launch import relaunch
 from .resume import (
+    Attempt,
     atomic_checkpoint_io,
     is_first_process,
     keep_earlier_log,
     log_order,
     merge_logs,
-    record_attempt,
+    resume_state_callback,
+    retire_resume_state,
     run_identity,
-    stamp_checkpoints,
     usable_checkpoint,
 )
 
@@ -97,16 +99,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     os.environ["OMP_NUM_THREADS"] = str(threads)
     _choose_gloo_interface()
+    identity = run_identity(run, args.train_data, args.val_size, args.train_limit)
+    # On record before torch is imported, so that an attempt killed at any point shows.
+    attempt = Attempt(Path(args.out) / "logs", identity) if is_first_process() else None
+    if attempt:
+        attempt.begin()
     try:
-        return train(args, run, geometry, granted, threads)
+        return train(args, run, geometry, granted, threads, identity, attempt)
     except OSError as err:
         if err.errno not in DISK_FULL:
+            _record_failure(attempt, err)
             raise
         last = Path(args.out) / "checkpoints" / "last.ckpt"
         log.error("disk full: %s (%s). Every write is atomic, so no output is half-written and %s; "
                   "free space and rerun to resume", err.strerror, " -> ".join(filter(None, (err.filename, err.filename2))),
                   f"{last} (the last finished epoch) is intact" if last.exists() else f"no checkpoint was written yet ({last})")
+        _record_failure(attempt, err)
         return 1
+    except BaseException as err:
+        _record_failure(attempt, err)
+        raise
+
+
+def _record_failure(attempt: Attempt | None, err: BaseException) -> None:
+    if attempt is None:
+        return
+    try:
+        attempt.end(f"failed: {type(err).__name__}: {err}"[:300])
+    except OSError:
+        pass  # the disk is full: the line stays as started, never ended
 
 
 def _choose_gloo_interface() -> None:
@@ -124,7 +145,7 @@ def _choose_gloo_interface() -> None:
                     "cluster set GLOO_SOCKET_IFNAME to the interconnect's interface", address)
 
 
-def train(args, run: dict, geometry: Geometry, granted: dict, threads: int) -> int:
+def train(args, run: dict, geometry: Geometry, granted: dict, threads: int, identity: dict, attempt: Attempt | None) -> int:
     import torch
     import pytorch_lightning as pl
     from pytorch_lightning.callbacks import ModelCheckpoint
@@ -138,9 +159,11 @@ def train(args, run: dict, geometry: Geometry, granted: dict, threads: int) -> i
     out = Path(args.out)
     ckpt_dir = out / "checkpoints"
     last = ckpt_dir / "last.ckpt"
-    started = dt.datetime.now(dt.timezone.utc)
-    identity = run_identity(run, args)
-    resume = usable_checkpoint(last, identity, out / "logs")
+    log_dir = out / "logs"
+    resume = usable_checkpoint(last, identity, log_dir)
+    if attempt:
+        attempt.begin()  # again: a set-aside takes the logs, with this attempt's line, along
+        attempt.update(resumed_from=str(resume) if resume else None)
 
     pl.seed_everything(run["seed"], workers=True, verbose=False)
     data = MNISTDataModule(
@@ -171,6 +194,7 @@ def train(args, run: dict, geometry: Geometry, granted: dict, threads: int) -> i
         )
     throughput = make_throughput_callback()
     preemption = make_preemption_callback(args.preempt_signal)
+    resume_state = resume_state_callback(identity, attempt.number if attempt else None)
     plugins = [atomic_checkpoint_io()]
     if "SLURM_NTASKS" in os.environ:
         from lightning_fabric.plugins.environments import SLURMEnvironment
@@ -189,7 +213,7 @@ def train(args, run: dict, geometry: Geometry, granted: dict, threads: int) -> i
             ModelCheckpoint(dirpath=ckpt_dir, filename="last", save_top_k=1, enable_version_counter=False),
             throughput,
             preemption,
-            stamp_checkpoints(identity),
+            resume_state,
         ],
         plugins=plugins,
         enable_progress_bar=False,
@@ -197,27 +221,34 @@ def train(args, run: dict, geometry: Geometry, granted: dict, threads: int) -> i
         deterministic=False,
         log_every_n_steps=10,
     )
-    log_dir = out / "logs"
     if resume:
         log.info("resuming from %s", resume)
-        if is_first_process():
-            keep_earlier_log(log_dir)
+    if attempt:
+        keep_earlier_log(log_dir)  # an earlier attempt's, which the CSV logger would delete
+
+    def attempt_figures(fit_s: float) -> dict:
+        done = resume_state.resumed_from["epochs_done"] if resume_state.resumed_from else 0
+        return {"resumed_from": _resumed_from(resume, resume_state), "epochs_trained": trainer.current_epoch - done,
+                "fit_s": round(fit_s, 3), "train_s": round(throughput.seconds - throughput.restored["seconds"], 3),
+                "train_samples": (throughput.samples - throughput.restored["samples"]) * trainer.world_size}
+
     t0 = time.perf_counter()
     try:
         trainer.fit(model, datamodule=data, ckpt_path=resume, weights_only=True)
     except Preempted as stop:
         log.warning("%s (%s); exiting %d so a retry or requeue resumes", stop, last, EXIT_PREEMPTED)
-        if trainer.global_rank == 0:
-            record_attempt(log_dir, started, resume, f"preempted: {stop}")
+        if attempt:
+            attempt.end(f"preempted: {stop}", **attempt_figures(time.perf_counter() - t0))
         return EXIT_PREEMPTED
     fit_s = time.perf_counter() - t0
 
     hosts = _gather_hosts(trainer)
     # save_checkpoint is collective: every rank calls it, rank 0 writes (atomically).
     trainer.save_checkpoint(out / "model.ckpt", weights_only=False)
-    if trainer.global_rank == 0:
-        attempts = record_attempt(log_dir, started, resume, "finished")
+    if attempt:
+        attempt.end("finished", **attempt_figures(fit_s))
         write_text(out / "metrics.csv", merge_logs(sorted(log_dir.glob("metrics*.csv"), key=log_order)))
+        attempts = attempt.all()
         record = {
             "run": args.run,
             "settings": run,
@@ -230,30 +261,39 @@ def train(args, run: dict, geometry: Geometry, granted: dict, threads: int) -> i
             "device": device_name(trainer.strategy.root_device),
             "hosts": hosts,
             "threads_per_process": threads,
-            "resumed_from": str(resume) if resume else None,
+            "resumed_from": _resumed_from(resume, resume_state),
             "epochs": trainer.current_epoch,
             "global_step": trainer.global_step,
-            "fit_s": round(fit_s, 3),
+            # Over every epoch behind the final weights, whichever attempt trained it (the
+            # counts travel in the checkpoint); each attempt's own figures are in `attempts`.
             "train_s": round(throughput.seconds, 3),
             "train_samples": throughput.samples * trainer.world_size,
             "samples_per_s": round(throughput.samples * trainer.world_size / throughput.seconds, 1) if throughput.seconds else None,
             "final": {k: float(v) for k, v in trainer.callback_metrics.items()},
-            "started": started.isoformat(timespec="seconds"),
+            "started": attempts[0]["started"],
             "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
-            "provenance": provenance(args.env_record),
+            "provenance": provenance(args.env_record, identity),
             "attempts": attempts,
         }
         write_json(out / "train.json", record)
+        retire_resume_state(out)
         log.info("trained %s: %s samples/s over %d process(es)", args.run, record["samples_per_s"], trainer.world_size)
     return 0
 
 
-def provenance(env_record: str | None) -> dict:
+def _resumed_from(resume: Path | None, resume_state) -> dict | None:
+    """The checkpoint a run resumed from, the attempt that wrote it, and its (matching) identity."""
+    if not resume:
+        return None
+    return {"checkpoint": str(resume), **(resume_state.resumed_from or {})}
+
+
+def provenance(env_record: str | None, identity: dict) -> dict:
     """What produced this run, beside its settings: code digest, git commit, environment."""
     import subprocess
 
-    from .codedigest import closure, code_digest
+    from .codedigest import closure
 
     repo = Path(__file__).resolve().parents[2]
     try:
@@ -266,8 +306,10 @@ def provenance(env_record: str | None) -> dict:
     except (OSError, subprocess.SubprocessError):
         commit = dirty = None
     return {
-        "code_digest": code_digest("mnistflow.train"),
+        "code_digest": identity["code_digest"],
         "code_modules": closure("mnistflow.train"),
+        # the versions the training processes imported, part of the resume identity
+        "packages": identity["packages"],
         "git_commit": commit,
         "git_dirty": dirty,
         "environment": json.loads(Path(env_record).read_text()) if env_record else None,

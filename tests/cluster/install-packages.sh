@@ -2,6 +2,7 @@
 # Debian packages the tests need, installed only when missing:
 #   slurm-wlm munge mariadb-server slurmdbd  a real Slurm 22.05 with accounting (tests/cluster)
 #   dataset-fashion-mnist                    the real Fashion-MNIST files (tests/test_data.py)
+#   lmod                                     a real module system for --sdm env-modules (tests/test_lmod.py)
 # Never slurm-wlm-emulator: it replaces slurmctld/slurmd with front-end-mode binaries.
 set -euo pipefail
 need=()
@@ -10,6 +11,7 @@ command -v munged >/dev/null || need+=(munge)
 command -v mariadbd >/dev/null || need+=(mariadb-server)
 command -v slurmdbd >/dev/null || need+=(slurmdbd)
 [[ -d /usr/share/datasets/fashion-mnist ]] || need+=(dataset-fashion-mnist)
+[[ -f /usr/share/lmod/lmod/init/bash ]] || need+=(lmod)
 if ((${#need[@]})); then
   if [[ $(id -u) != 0 ]]; then
     echo "install-packages: not root; cannot install ${need[*]} (the tests that need them will say so)" >&2
