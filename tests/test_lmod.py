@@ -56,7 +56,7 @@ def test_jobs_import_from_the_modules_pythonpath_and_the_project(make_workflow, 
     env.pop("LOADEDMODULES", None)
     env.update(MODULEPATH=str(modulepath), BASH_ENV=str(LMOD_INIT))  # what a login shell's profile does
     wf.env = lambda: env
-    wf.snakemake("--cores", "2", "--sdm", "env-modules", "results/runs/lm/eval/metrics.json")
+    wf.snakemake("results/runs/lm/eval/metrics.json", "--cores", "2", "--sdm", "env-modules")
 
     record = json.loads(wf.path("results/env/train_env.json").read_text())
     assert record["modules"] == [MODULE]
