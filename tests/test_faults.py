@@ -513,24 +513,47 @@ def test_training_killed_mid_epoch_resumes_from_last_ckpt(prepared):
     _assert_resumed_to_the_end(wf, "killed")
 
 
-def test_preemption_signal_stops_cleanly_and_retry_resumes(prepared):
-    """SIGUSR1 (what Slurm sends before the time limit): the run finishes its epoch, writes
-    that epoch's checkpoint, exits 75, and Snakemake's retry resumes from it."""
+@pytest.mark.parametrize("signame", ["SIGUSR1", "SIGTERM"])
+def test_stop_signal_saves_mid_epoch_and_retry_resumes(prepared, signame):
+    """SIGUSR1 (what Slurm sends before the time limit) or SIGTERM (at the time limit, on
+    preemption): the run saves a checkpoint at the next batch, exits 75, and Snakemake's
+    retry resumes from it at the next batch."""
     wf = prepared
     wf.write_config("extra.yaml", {"dataset": SHORT, "runs": {"preempted": dict(THREE_EPOCHS)}})
     last = wf.path("results/runs/preempted/checkpoints/last.ckpt")
     with background(wf, "--cores", "2", "--retries", "1", "--show-failed-logs", "results/runs/preempted/train.json") as bg:
         wait_for(last.exists, 240, "the first epoch's checkpoint")
-        os.kill(one_process(wf, "train", "preempted"), signal.SIGUSR1)
+        time.sleep(0.5)  # into the second epoch
+        os.kill(one_process(wf, "train", "preempted"), getattr(signal, signame))
         assert bg.wait(300) == 0, bg.output()[-5000:]
     out = bg.output()
-    assert "SIGUSR1 received at epoch" in out and "exiting 75 so a retry or requeue resumes" in out, out[-5000:]
+    assert f"{signame} received: saved a mid-epoch checkpoint at epoch" in out, out[-5000:]
+    assert "exiting 75 so a retry or requeue resumes" in out, out[-5000:]
     record = _assert_resumed_to_the_end(wf, "preempted")
     first, last_attempt = record["attempts"][0], record["attempts"][-1]
-    signalled = int(first["outcome"].split("received at epoch ")[1].split(",")[0])
-    # the checkpoint written on preemption holds the epoch the signal interrupted
-    assert first["outcome"].endswith(f"stopped after saving epoch {signalled}"), record["attempts"]
+    stopped = re.fullmatch(rf"preempted: {signame} received; stopped after saving epoch (\d+), step (\d+) \(mid-epoch\)", first["outcome"])
+    assert stopped, record["attempts"]
+    # the retry resumed from the checkpoint written at the step the signal stopped
+    assert record["resumed_from"]["mid_epoch"] and record["resumed_from"]["global_step"] == int(stopped.group(2))
     assert last_attempt["outcome"] == "finished" and len(record["attempts"]) == 2
+    assert first["steps_trained"] + last_attempt["steps_trained"] == record["global_step"]
+
+
+def test_stop_signal_before_training_starts_is_on_record_and_the_retry_starts_cleanly(prepared):
+    """SIGTERM while the job imports torch and loads data (a preemption right after the start):
+    the attempt ends on record, exit 75, and the retry trains from epoch 0."""
+    wf = prepared
+    wf.write_config("extra.yaml", {"dataset": TINY, "runs": {"early": {"model": "mlp", "epochs": 1}}})
+    attempts = wf.path("results/runs/early/logs/attempts.jsonl")
+    with background(wf, "--cores", "2", "--retries", "1", "results/runs/early/train.json") as bg:
+        wait_for(attempts.exists, 120, "the attempt's start on record")
+        os.kill(one_process(wf, "train", "early"), signal.SIGTERM)
+        assert bg.wait(300) == 0, bg.output()[-5000:]
+    record = json.loads(wf.path("results/runs/early/train.json").read_text())
+    first, second = record["attempts"]
+    assert first["outcome"] == "preempted: SIGTERM received before training started" and first["ended"], first
+    assert first["steps_trained"] == 0 and second["outcome"] == "finished" and second["resumed_from"] is None
+    assert record["resumed_from"] is None and record["epochs"] == 1
 
 
 GLOO_TIMEOUTS = ("Timed out waiting 10000ms", "Application timeout caused pair closure")

@@ -113,9 +113,13 @@ def test_partition_nodes_from_sinfo():
         (Geometry(3, 4, "gpu"), "gpu", "3 node(s) with 4 GPU(s) each (`nodes`, `devices`), but Slurm partition 'gpu' "
                                        "has 2 such node(s) (3 node(s): 2 with 4 GPU(s), 1 with 2 GPU(s))"),
         (Geometry(1, 8, "gpu"), "gpu", "has 0 such node(s)"),
-        (Geometry(1, 1, "auto"), "cpu", "1 node(s) with 1 GPU(s) each"),  # auto asks Slurm for GPUs
+        # auto asks Slurm for GPUs: on a partition without any, the fix is accelerator: cpu
+        (Geometry(1, 1, "auto"), "cpu", "it asks for GPUs (`accelerator: auto` asks Slurm for 1 GPU(s) a node), but Slurm "
+                                        "partition 'cpu' has no GPUs (2 node(s): 2 with 0 GPU(s)); set the run's `accelerator: cpu`"),
+        (Geometry(2, 2, "gpu"), "cpu", "has no GPUs"),
         (Geometry(2, 2, "cpu"), "cpu", None),
-        (Geometry(3, 1, "cpu"), "cpu", "3 node(s) (`nodes`), but Slurm partition 'cpu' has 2 such node(s)"),
+        (Geometry(3, 1, "cpu"), "cpu", "3 node(s) (`nodes`), but Slurm partition 'cpu' has 2 such node(s) "
+                                       "(2 node(s): 2 with 0 GPU(s)); lower the run's `devices` or `nodes`"),
     ],
 )
 def test_partition_problem(geometry, partition, problem):

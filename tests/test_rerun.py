@@ -141,7 +141,7 @@ def change_then_check(wf: Workflow, expected: set[str], *args: str, env: dict | 
         # from epoch 0, in one attempt that trained every epoch: nothing "resumed" the finished run
         assert rec["resumed_from"] is None, rec["resumed_from"]
         assert rec["global_step"] == FULL_STEPS * (rec["settings"]["epochs"] // EPOCHS) and rec["epochs"] == rec["settings"]["epochs"], rec
-        assert [(a["outcome"], a["epochs_trained"], a["resumed_from"]) for a in rec["attempts"]] == [("finished", rec["epochs"], None)], rec["attempts"]
+        assert [(a["outcome"], a["steps_trained"], a["resumed_from"]) for a in rec["attempts"]] == [("finished", rec["global_step"], None)], rec["attempts"]
         assert rec["provenance"]["code_digest"] == digest  # the code these weights were trained with
         assert not wf.path(f"results/runs/{run}/checkpoints/last.ckpt").exists()  # retired again
         if weights_change is not None and run in weights_change and run in old:
@@ -286,33 +286,58 @@ THREE_EPOCHS = {"model": "cnn", "epochs": 3}
 SHORT = {"train_limit": 1500, "val_size": 200}
 
 
-@pytest.mark.parametrize("geometry", [{"nodes": 1, "devices": 1}, {"nodes": 2, "devices": 1}], ids=["single", "ddp"])
-def test_killed_mid_epoch_resumes_to_the_weights_of_an_uninterrupted_run(copy, geometry):
-    """SIGKILL (the OOM killer, a node failure) to every process of a training job in its
-    second epoch. The attempt stays on record as started, never ended; Snakemake's retry
-    resumes from the first epoch's last.ckpt and ends with the uninterrupted run's weights,
-    bit for bit (two uninterrupted runs on this CPU are identical: see the tests above)."""
+def _mid_epoch_checkpoint(path) -> bool:
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)["mnistflow_position"]["mid_epoch"]
+    except (FileNotFoundError, RuntimeError, EOFError):
+        return False
+
+
+SINGLE, DDP = {"nodes": 1, "devices": 1}, {"nodes": 2, "devices": 1}
+
+
+@pytest.mark.parametrize("geometry, signame, interval", [
+    (SINGLE, "SIGKILL", None), (DDP, "SIGKILL", None), (SINGLE, "SIGKILL", 1), (SINGLE, "SIGTERM", None), (DDP, "SIGTERM", None),
+], ids=["single-kill", "ddp-kill", "single-kill-interval", "single-term", "ddp-term"])
+def test_interrupted_mid_epoch_resumes_to_the_weights_of_an_uninterrupted_run(copy, geometry, signame, interval):
+    """A signal to every process of a training job in its second epoch: SIGKILL (the OOM
+    killer, a node failure) or SIGTERM (the time limit, a preemption). Killed, the attempt stays
+    on record as started, never ended, and the retry resumes from the last checkpoint: the
+    first epoch's, or with a checkpoint interval (the checkpoint_every_s resource) one written
+    mid-epoch. Terminated, every rank saves at the next batch and exits 75. Either way
+    Snakemake's retry ends with the uninterrupted run's weights, bit for bit (two
+    uninterrupted runs on this CPU are identical: see the tests above)."""
     settings = {**THREE_EPOCHS, **geometry}
     edit_config(copy, {"dataset": SHORT, "runs": {"straight": settings, "killed": settings}})
     copy.snakemake("--cores", "2", "results/runs/straight/model.ckpt", timeout=300)
 
     last = copy.path("results/runs/killed/checkpoints/last.ckpt")
-    with background(copy, "--cores", "2", "--retries", "1", "results/runs/killed/model.ckpt") as bg:
-        wait_for(last.exists, 240, "the first epoch's checkpoint")
-        pids = wait_for(lambda: job_processes(copy, "train", "killed"), 30, "the training processes")
-        time.sleep(0.5)  # into the second epoch
-        for pid in pids:
-            os.kill(pid, signal.SIGKILL)
+    every = ("--set-resources", f"train:checkpoint_every_s={interval}") if interval else ()
+    with background(copy, "results/runs/killed/model.ckpt", "--cores", "2", "--retries", "1", *every) as bg:
+        if interval:
+            wait_for(lambda: _mid_epoch_checkpoint(last), 240, "a mid-epoch checkpoint")
+        else:
+            wait_for(last.exists, 240, "the first epoch's checkpoint")
+            time.sleep(0.5)  # into the second epoch
+        for pid in wait_for(lambda: job_processes(copy, "train", "killed"), 30, "the training processes"):
+            os.kill(pid, getattr(signal, signame))
         assert bg.wait(300) == 0, bg.output()[-5000:]
 
     killed, straight = record(copy, "killed"), record(copy, "straight")
     first, second = killed["attempts"]
-    assert first["ended"] is None and first["outcome"] is None and first["host"], first  # started, never ended
-    assert "slurm_job_id" in first and first["identity"] == second["identity"]
+    assert first["host"] and "slurm_job_id" in first and first["identity"] == second["identity"]
     resumed = second["resumed_from"]
     assert second["outcome"] == "finished" and resumed == killed["resumed_from"], killed["attempts"]
-    assert resumed["written_by_attempt"] == 1 and 1 <= resumed["epochs_done"] < 3, resumed
-    assert second["epochs_trained"] == 3 - resumed["epochs_done"]
+    assert resumed["written_by_attempt"] == 1 and resumed["epochs_done"] < 3 and resumed["global_step"] > 0, resumed
+    if signame == "SIGKILL":
+        assert first["ended"] is None and first["outcome"] is None, first  # started, never ended
+        assert resumed["mid_epoch"] == bool(interval), resumed
+    else:
+        assert first["outcome"].startswith("preempted: SIGTERM received; stopped after saving epoch 1, step"), first
+        assert resumed["mid_epoch"] and first["steps_trained"] == resumed["global_step"], (first, resumed)
+    assert second["steps_trained"] == killed["global_step"] - resumed["global_step"]
     assert killed["global_step"] == straight["global_step"] and killed["epochs"] == 3
     # the totals cover every epoch behind the weights, as the uninterrupted run's do
     assert killed["train_samples"] == straight["train_samples"]

@@ -46,8 +46,11 @@ def _sacct_when_complete(cluster, jobid, fields, n_rows):
 def test_cluster_has_idle_gpu_nodes(slurm_cluster):
     c = slurm_cluster
     print(f"bring-up timings: {c.timings}")
-    nodes = c.nodes_info()
+    everything = c.nodes_info()
+    nodes = [n for n in everything if n["partition"] == "debug*"]
     assert [n["name"] for n in nodes] == ["n1", "n2"], c.describe()
+    # and a CPU-only partition, as many clusters have
+    assert [(n["name"], n["gres"], n["partition"]) for n in everything if n not in nodes] == [("c1", "(null)", "cpu")]
     for n in nodes:
         assert n["state"] == "idle", c.describe()
         assert n["gres"] == "gpu:2"

@@ -7,6 +7,7 @@ resumes from its checkpoint.
 
 from __future__ import annotations
 
+import csv
 import json
 import re
 import subprocess
@@ -127,20 +128,34 @@ def _running_train_job(cluster, wf):
     out = subprocess.run(["squeue", "-h", "-o", "%i %k %T"], capture_output=True, text=True, env=cluster.env()).stdout
     for line in out.splitlines():
         jobid, comment, state = line.split()
-        if re.fullmatch(r"rule_train(_wildcards_.*)?", comment) and state == "RUNNING":
+        if re.fullmatch(r"rule_train(_ddp)?(_wildcards_.*)?", comment) and state == "RUNNING":
             return int(jobid)
     return None
 
 
-@pytest.mark.parametrize("interruption", ["signal", "requeue"])
-def test_preempted_training_resumes_from_its_checkpoint(slurm_cluster, tmp_path_factory, mirror, interruption):
-    """USR1 (what --signal sends before the time limit) or a requeue mid-run: the run still ends with every epoch."""
+INTERRUPTIONS = {
+    "usr1": ["scancel", "--signal=USR1"],  # what the rule's --signal=USR1@90 sends before the time limit
+    "term": ["scancel", "--signal=TERM"],  # what Slurm sends at the time limit and on preemption
+    "requeue": ["scontrol", "requeue"],  # the job's processes are ended and the same job starts again
+}
+SINGLE, DDP = {"nodes": 1, "devices": 1}, {"nodes": 2, "devices": 1}
+
+
+@pytest.mark.parametrize("interruption, geometry", [
+    ("usr1", SINGLE), ("term", SINGLE), ("usr1", DDP), ("term", DDP), ("requeue", SINGLE),
+], ids=["usr1-single", "term-single", "usr1-ddp", "term-ddp", "requeue-single"])
+def test_interrupted_training_resumes_to_the_uninterrupted_weights(slurm_cluster, tmp_path_factory, mirror, interruption, geometry):
+    """A signal or a requeue mid-run: every rank saves a mid-epoch checkpoint and stops, the
+    retry (or the requeued job) resumes at the next batch, and the run ends with the weights of
+    the same run uninterrupted, having trained every batch of every epoch once."""
+    import torch
+
     wf = Workflow(copy_workflow(tmp_path_factory.mktemp(f"preempt-{interruption}")), [TEST_CONFIG])
     wf.write_config("mirror.yaml", mirror.overlay())
-    # 4 epochs: the signal comes in epoch 1 or 2, so the run must stop early and be resumed
-    wf.write_config("extra.yaml", {"runs": {"long": {"epochs": 4, "model": "cnn"}}, "dataset": {"train_limit": 3000}})
-    # data and environment first, so the timing below concerns training only
-    wf.snakemake("results/data/mnist/train.npz", "results/env/train_env.json", *SLURM_ARGS, timeout=300)
+    settings = {"epochs": 3, "model": "cnn", **geometry}
+    wf.write_config("extra.yaml", {"runs": {"long": settings, "straight": settings}, "dataset": {"train_limit": 2000}})
+    # data, environment and the uninterrupted run first, so the timing below concerns one job
+    wf.snakemake("results/runs/straight/model.ckpt", *SLURM_ARGS, timeout=300)
     proc = subprocess.Popen(
         ["timeout", "-k", "10", "600", *wf.command("results/runs/long/train.json", *SLURM_ARGS)],
         cwd=wf.root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=wf.env(),
@@ -148,28 +163,36 @@ def test_preempted_training_resumes_from_its_checkpoint(slurm_cluster, tmp_path_
     ckpt = wf.path("results/runs/long/checkpoints/last.ckpt")
     _wait_for(ckpt.exists, 300, "the first epoch's checkpoint")
     jobid = _wait_for(lambda: _running_train_job(slurm_cluster, wf), 30, "the running training job")
-    if interruption == "signal":
-        subprocess.run(["scancel", "--signal=USR1", str(jobid)], check=True, env=slurm_cluster.env())
-    else:
-        subprocess.run(["scontrol", "requeue", str(jobid)], check=True, env=slurm_cluster.env())
+    time.sleep(1)  # into the second epoch
+    subprocess.run([*INTERRUPTIONS[interruption], str(jobid)], check=True, env=slurm_cluster.env())
     out, _ = proc.communicate(timeout=620)
     assert proc.returncode == 0, out[-6000:] + wf.logs_tail()
+
     record = json.loads(wf.path("results/runs/long/train.json").read_text())
-    assert record["epochs"] == 4
-    assert record["resumed_from"] and record["resumed_from"]["checkpoint"].endswith("last.ckpt")
+    straight = json.loads(wf.path("results/runs/straight/train.json").read_text())
+    assert record["world_size"] == straight["world_size"] == geometry["nodes"] * geometry["devices"]
+    # every batch of every epoch once: the step counters and the CSV log of all attempts
+    assert record["epochs"] == 3 and record["global_step"] == straight["global_step"]
+    assert record["train_samples"] == straight["train_samples"]
+    with open(wf.path("results/runs/long/metrics.csv")) as fh:
+        rows = list(csv.DictReader(fh))
+    assert [int(float(r["epoch"])) for r in rows if r.get("val_acc")] == [0, 1, 2]
+    logged = [int(r["step"]) for r in rows if r.get("train_loss_step")]
+    assert logged == sorted(set(logged)), "a step was logged twice"
+    weights = [torch.load(wf.path(f"results/runs/{run}/model.ckpt"), weights_only=True)["state_dict"] for run in ("long", "straight")]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[1]), "the resumed run ended elsewhere"
+
     attempts = record["attempts"]
+    assert record["resumed_from"] and record["resumed_from"]["checkpoint"].endswith("last.ckpt")
     assert attempts[-1]["outcome"] == "finished" and attempts[-1]["resumed_from"] == record["resumed_from"], attempts
-    if interruption == "signal":
-        assert attempts[0]["outcome"].startswith("preempted: SIGUSR1 received at epoch"), attempts
-        assert "stopped after saving epoch" in attempts[0]["outcome"], attempts
-        assert attempts[0]["slurm_job_id"] == str(jobid)
-        assert len(slurm_jobs(wf)["train/long"]) == 2, slurm_jobs(wf)  # the preempted job and its retry
-    else:
-        # requeue kills the job's processes without warning and starts the same job again:
-        # the attempt it ended is on record too, not finished
+    assert len(attempts) == 2 and attempts[0]["slurm_job_id"] == str(jobid), attempts
+    if interruption == "requeue":
         assert int(slurm_cluster.scontrol_show_job(jobid)["Restarts"]) == 1
-        assert attempts[-1]["slurm_job_id"] == str(jobid)
-        assert len(attempts) == 2 and attempts[0]["outcome"] != "finished" and attempts[0]["slurm_job_id"] == str(jobid), attempts
+        assert attempts[-1]["slurm_job_id"] == str(jobid) and attempts[0]["outcome"] != "finished", attempts
+    else:
+        name = {"usr1": "SIGUSR1", "term": "SIGTERM"}[interruption]
+        assert attempts[0]["outcome"].startswith(f"preempted: {name} received; stopped after saving epoch"), attempts
+        assert len(slurm_jobs(wf)["train/long" if geometry == SINGLE else "train_ddp/long"]) == 2, slurm_jobs(wf)
 
 
 def test_geometry_no_node_of_the_partition_holds_is_refused_before_submission(slurm_cluster, tmp_path_factory, mirror):
@@ -190,3 +213,23 @@ def test_geometry_no_node_of_the_partition_holds_is_refused_before_submission(sl
     assert not wf.path("results").exists()
 
     # (a geometry that fits is not refused: the chain above runs 2 x 1 under the same check)
+
+
+def test_gpu_run_on_a_cpu_only_partition_is_refused_naming_the_fix(slurm_cluster, tmp_path_factory, mirror):
+    """`accelerator: auto` (the default) asks Slurm for GPUs; the cluster's `cpu` partition has
+    none. The refusal says so and names the fix; with `accelerator: cpu` the same run trains there."""
+    wf = Workflow(copy_workflow(tmp_path_factory.mktemp("cpu-partition")), [TEST_CONFIG])
+    wf.write_config("mirror.yaml", mirror.overlay())
+    wf.write_config("extra.yaml", {"runs": {"plain": {"model": "mlp"}}, "dataset": {"train_limit": 600, "val_size": 100}})
+    cpu_args = [a.replace("slurm_partition=debug", "slurm_partition=cpu") for a in SLURM_ARGS]
+    result = wf.snakemake("results/runs/plain/train.json", *cpu_args, check=False, timeout=120)
+    out = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert ("run 'plain': it asks for GPUs (`accelerator: auto` asks Slurm for 1 GPU(s) a node), but Slurm partition "
+            "'cpu' has no GPUs (1 node(s): 1 with 0 GPU(s)); set the run's `accelerator: cpu`") in out, out[-3000:]
+    assert "Nothing was submitted" in out and not wf.path(".snakemake/slurm_logs").exists()
+
+    wf.write_config("extra.yaml", {"runs": {"plain": {"model": "mlp", "accelerator": "cpu"}}, "dataset": {"train_limit": 600, "val_size": 100}})
+    wf.snakemake("results/runs/plain/train.json", *cpu_args, timeout=300)
+    record = json.loads(wf.path("results/runs/plain/train.json").read_text())
+    assert record["accelerator"] == "CPUAccelerator" and record["hosts"][0].startswith("c1/"), record["hosts"]

@@ -1,4 +1,4 @@
-"""Callbacks of the training run: stopping cleanly on the preemption signal, and throughput."""
+"""Callbacks of the training run: saving and stopping on Slurm's signals, and throughput."""
 
 from __future__ import annotations
 
@@ -12,52 +12,94 @@ class Preempted(Exception):
     pass
 
 
-def make_preemption_callback(signal_name: str):
-    """On the preemption signal, finish the epoch in progress, let ModelCheckpoint write its
-    last.ckpt, then stop every rank before the next epoch.
+# What Slurm sends: the --signal the training rule requests (USR1, 90 s before the time
+# limit), and SIGTERM at the time limit, on preemption (PreemptMode=REQUEUE/CANCEL, after
+# GraceTime), on `scancel` and `scontrol requeue`; SIGKILL follows SIGTERM after KillWait.
+STOP_SIGNALS = ("SIGUSR1", "SIGTERM")
 
-    The handler only sets a flag. At the epoch's last batch the ranks agree on it (one
-    all-reduce an epoch: one a step slowed a small network's DDP), so all of them stop at
-    the same point and none is left waiting in a collective. Stopping at an epoch boundary
-    keeps Lightning's resume exact (a mid-epoch checkpoint would replay or skip batches).
-    Slurm's `--signal=USR1@90` leaves 90 s for that; if the epoch needs longer, the time
-    limit ends the job and the previous last.ckpt, written atomically, is the resume point.
+
+class StopSignals:
+    """The signals that mean "save and stop", caught from the start of the process: one that
+    arrives before training starts (during imports or data loading) is remembered, and the
+    attempt then ends on record instead of dying without a trace."""
+
+    def __init__(self, names=STOP_SIGNALS):
+        self.names = tuple(names)
+        self.received: str | None = None
+
+    def install(self) -> None:
+        import signal
+
+        for name in self.names:
+            signal.signal(getattr(signal, name), self._handle)
+
+    def _handle(self, signum, _frame) -> None:
+        import signal
+
+        self.received = self.received or signal.Signals(signum).name
+
+
+def make_save_and_stop_callback(signals: StopSignals, last, every_s: float, agree_every: int):
+    """Save `last` and stop when a stop signal comes, and save it every `every_s` seconds.
+
+    The handlers only set a flag. At the end of a batch the ranks agree on it (and on
+    whether the interval is up, by any rank's clock) with one all-reduce: every batch in one
+    process, every `agree_every` batches under DDP, where a collective a step slows a small
+    network. Then every rank saves (a collective: rank 0 writes, atomically) at the same
+    step, and on a signal they stop there: a mid-epoch checkpoint that resumes at the next
+    batch (datamodule.ResumableLoader), so a preemption loses at most `agree_every` batches,
+    and the interval bounds what a SIGKILL loses. A signal in an epoch's last batches lets
+    the epoch end (ModelCheckpoint writes its last.ckpt) and stops before the next one.
+
+    Stopping raises Preempted rather than setting trainer.should_stop: Lightning answers
+    should_stop mid-epoch by validating the partial epoch and saving it as finished, and the
+    resume would skip the rest of the epoch.
     """
-    import signal
-
     import pytorch_lightning as pl
     import torch
 
-    signum = getattr(signal, signal_name)
-
-    class Preemption(pl.Callback):
+    class SaveAndStop(pl.Callback):
         def __init__(self):
-            self.received = False
-            self.stop_reason = None
+            self._saved_at = time.monotonic()
 
         def on_train_start(self, trainer, pl_module):
-            signal.signal(signum, self._handle)
+            signals.install()  # over Lightning's SIGTERM handler, which would stop without saving
+            if self._agree(trainer, signals.received is not None, False)[0]:
+                raise Preempted(f"{signals.received or 'a stop signal'} received before training started")
+            self._saved_at = time.monotonic()
 
-        def _handle(self, *_):
-            self.received = True
+        def _agree(self, trainer, flag: bool, due: bool) -> tuple[bool, bool]:
+            if trainer.world_size == 1:
+                return flag, due
+            t = torch.tensor([int(flag), int(due)], device=trainer.strategy.root_device)
+            t = trainer.strategy.reduce(t, reduce_op="max")
+            return bool(t[0].item()), bool(t[1].item())
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            if self.stop_reason or not trainer.is_last_batch:
+            if trainer.is_last_batch or (trainer.world_size > 1 and (batch_idx + 1) % agree_every):
                 return
-            flag = self.received
-            if trainer.world_size > 1:
-                t = torch.tensor([int(flag)], device=pl_module.device)
-                flag = bool(trainer.strategy.reduce(t, reduce_op="max").item())
-            if flag:
-                epoch = trainer.current_epoch
-                self.stop_reason = f"{signal_name} received at epoch {epoch}, step {trainer.global_step}; stopped after saving epoch {epoch}"
-                log.warning("%s received: saving epoch %d's checkpoint, then stopping", signal_name, epoch)
+            due = every_s > 0 and time.monotonic() - self._saved_at >= every_s
+            stop, due = self._agree(trainer, signals.received is not None, due)
+            if not (stop or due):
+                return
+            trainer.save_checkpoint(last)
+            self._saved_at = time.monotonic()
+            if stop:
+                where = f"epoch {trainer.current_epoch}, step {trainer.global_step}"
+                log.warning("%s received: saved a mid-epoch checkpoint at %s, stopping", signals.received or "stop signal", where)
+                raise Preempted(f"{signals.received or 'a stop signal'} received; stopped after saving {where} (mid-epoch)")
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            self._saved_at = time.monotonic()  # ModelCheckpoint saves last.ckpt now
 
         def on_train_epoch_start(self, trainer, pl_module):
-            if self.stop_reason:  # the previous epoch ended and its last.ckpt is written
-                raise Preempted(self.stop_reason)
+            if trainer.current_epoch == 0 or not self._agree(trainer, signals.received is not None, False)[0]:
+                return
+            epoch = trainer.current_epoch - 1
+            log.warning("%s received: epoch %d's checkpoint is saved, stopping", signals.received or "stop signal", epoch)
+            raise Preempted(f"{signals.received or 'a stop signal'} received; stopped after saving epoch {epoch}")
 
-    return Preemption()
+    return SaveAndStop()
 
 
 def make_throughput_callback():
@@ -84,6 +126,9 @@ def make_throughput_callback():
 
         def on_train_epoch_start(self, trainer, pl_module):
             self._t = time.perf_counter()
+
+        def on_train_start(self, trainer, pl_module):
+            self._t = time.perf_counter()  # a mid-epoch resume starts no epoch
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             now = time.perf_counter()

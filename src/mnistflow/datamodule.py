@@ -36,6 +36,41 @@ def _batch_as_is(batch):
     return batch
 
 
+class ResumableLoader(DataLoader):
+    """A DataLoader that a mid-epoch checkpoint resumes at the next batch.
+
+    Lightning keeps a loader's state_dict in its checkpoints and gives it back on resume. The
+    state is the epoch and how many of its batches were handed out; the first pass after a
+    resume from the middle of that epoch skips them, so no batch is repeated or left out:
+    the sampler draws the same order again, from (seed, epoch). Skipping an in-memory batch
+    is one indexing operation.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._handed_out = 0
+        self._skip: dict | None = None
+
+    def __iter__(self):
+        epoch = getattr(self.sampler, "epoch", 0)
+        skip = self._skip["batches"] if self._skip and self._skip["epoch"] == epoch else 0
+        self._skip = None
+        iterator = super().__iter__()
+        for _ in range(skip):
+            next(iterator)
+        self._handed_out = skip
+        for batch in iterator:
+            self._handed_out += 1
+            yield batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": getattr(self.sampler, "epoch", 0), "batches": self._handed_out}
+
+    def load_state_dict(self, state: dict) -> None:
+        # At an epoch's end every batch was handed out: the next epoch starts afresh.
+        self._skip = dict(state) if 0 < state["batches"] < len(self) else None
+
+
 class MNISTDataModule(pl.LightningDataModule):
     def __init__(
         self,
@@ -71,11 +106,11 @@ class MNISTDataModule(pl.LightningDataModule):
             images, labels = load_split(self.test_path)
             self.test_set = TensorSplit(normalise(images), labels)
 
-    def _loader(self, split, batch_size, sampler=None):
+    def _loader(self, split, batch_size, sampler=None, loader=DataLoader):
         # A generator of the loader's own: otherwise each iterator draws its seed from torch's
         # global one, which dropout uses, and a resumed run would draw differently.
-        return DataLoader(split, batch_size=batch_size, sampler=sampler, collate_fn=_batch_as_is, num_workers=0,
-                          generator=torch.Generator().manual_seed(self.seed))
+        return loader(split, batch_size=batch_size, sampler=sampler, collate_fn=_batch_as_is, num_workers=0,
+                      generator=torch.Generator().manual_seed(self.seed))
 
     def train_dataloader(self):
         # Each epoch's order comes from (seed, epoch), which Lightning sets on the sampler, so a
@@ -84,7 +119,7 @@ class MNISTDataModule(pl.LightningDataModule):
         trainer = self.trainer
         replicas, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
         sampler = DistributedSampler(self.train_set, num_replicas=replicas, rank=rank, shuffle=True, seed=self.seed)
-        return self._loader(self.train_set, self.batch_size, sampler)
+        return self._loader(self.train_set, self.batch_size, sampler, loader=ResumableLoader)
 
     def val_dataloader(self):
         return self._loader(self.val_set, self.eval_batch_size) if self.val_set else []

@@ -99,7 +99,13 @@ class Geometry:
         return res
 
     def partition_problem(self, partition: "PartitionNodes") -> str | None:
-        """Why no allocation of `partition` can hold this geometry, or None if one can."""
+        """Why no allocation of `partition` can hold this geometry, and the fix; None if one can."""
+        if self.requests_gpus and partition.gpus and not any(partition.gpus):
+            return (
+                f"it asks for GPUs (`accelerator: {self.accelerator}` asks Slurm for {self.devices} GPU(s) a node), "
+                f"but Slurm partition '{partition.name}' has no GPUs ({partition.describe()}); "
+                "set the run's `accelerator: cpu` to train on CPU processes there, or choose a GPU partition"
+            )
         if self.requests_gpus:
             fitting = sum(g >= self.devices for g in partition.gpus)
             need = f"{self.nodes} node(s) with {self.devices} GPU(s) each (`nodes`, `devices`)"
@@ -110,7 +116,7 @@ class Geometry:
             return None
         return (
             f"it asks for {need}, but Slurm partition '{partition.name}' has {fitting} such node(s) "
-            f"({partition.describe()})"
+            f"({partition.describe()}); lower the run's `devices` or `nodes`, or choose another slurm_partition"
         )
 
     # ---- reader 3: the launch -------------------------------------------------------------

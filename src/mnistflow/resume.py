@@ -26,9 +26,11 @@ from pathlib import Path
 log = logging.getLogger("mnistflow.train")
 
 # The keys under which every checkpoint records what it was trained on (run_identity), the
-# attempt that wrote it, and the random state training continues from.
+# attempt that wrote it, where in training it was written, and the random state training
+# continues from.
 CHECKPOINT_KEY = "mnistflow_run"
 ATTEMPT_KEY = "mnistflow_attempt"
+POSITION_KEY = "mnistflow_position"
 RNG_KEY = "mnistflow_rng"
 TRAINING_ENTRY = "mnistflow.train"
 # Where a finished run's logs go: the next training of the run starts with none.
@@ -137,9 +139,10 @@ def resume_state_callback(identity: dict, attempt: int | None):
 
     Saving, it stamps every checkpoint with the run's identity and the attempt, and keeps
     torch's random state (dropout draws from it; Lightning does not save it). Loading, it
-    notes what it resumed from, and it puts that random state back at the start of the first
-    resumed epoch, where the uninterrupted run has it: the data loaders draw from generators
-    of their own, so nothing between the save and that point takes from torch's. Under DDP
+    notes what it resumed from, and it puts that random state back before the first resumed
+    batch, where the uninterrupted run has it (the checkpoint is written at a batch's or an
+    epoch's end; the data loaders draw from generators of their own, so nothing between the
+    save and that point takes from torch's). Under DDP
     every process starts from the same seed and draws alike, so rank 0's state serves all.
     """
     import pytorch_lightning as pl
@@ -149,20 +152,35 @@ def resume_state_callback(identity: dict, attempt: int | None):
         def __init__(self):
             self.resumed_from: dict | None = None
             self._rng = None
+            self._loader_state = None
 
         def on_save_checkpoint(self, trainer, pl_module, checkpoint):
             checkpoint[CHECKPOINT_KEY] = identity
             checkpoint[ATTEMPT_KEY] = attempt
+            # ModelCheckpoint saves at an epoch's end; SaveAndStop also in the middle of one
+            checkpoint[POSITION_KEY] = {"epochs_done": trainer.current_epoch + int(trainer.is_last_batch),
+                                        "mid_epoch": not trainer.is_last_batch}
             checkpoint[RNG_KEY] = {"torch": torch.get_rng_state(),
                                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []}
 
         def on_load_checkpoint(self, trainer, pl_module, checkpoint):
             self._rng = checkpoint.get(RNG_KEY)
-            self.resumed_from = {"epochs_done": checkpoint["epoch"] + 1, "global_step": checkpoint["global_step"],
+            self._loader_state = checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {}).get("combined_loader")
+            position = checkpoint.get(POSITION_KEY) or {"epochs_done": checkpoint["epoch"] + 1, "mid_epoch": False}
+            self.resumed_from = {**position, "global_step": checkpoint["global_step"],
                                  "written_by_attempt": checkpoint.get(ATTEMPT_KEY),
                                  "identity": identity_digest(checkpoint[CHECKPOINT_KEY])}
 
-        def on_train_epoch_start(self, trainer, pl_module):
+        def on_train_start(self, trainer, pl_module):
+            # Lightning hands a stateful loader its state only if the loader is made after the
+            # loops are restored; estimated_stepping_batches (the one-cycle schedule's length)
+            # makes it before. Its iterator has not started yet: hand the state over here.
+            loader = trainer.train_dataloader
+            if self._loader_state and hasattr(loader, "load_state_dict"):
+                loader.load_state_dict(self._loader_state[0])
+            self._loader_state = None
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             if self._rng is not None:
                 torch.set_rng_state(self._rng["torch"])
                 if self._rng["cuda"]:

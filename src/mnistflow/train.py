@@ -27,10 +27,11 @@ import platform
 import socket
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Sequence
 
-from .callbacks import Preempted, make_preemption_callback, make_throughput_callback
+from .callbacks import Preempted, StopSignals, make_save_and_stop_callback, make_throughput_callback
 from .cli import run_and_exit
 from .geometry import Geometry, GeometryError
 from .launch import relaunch
@@ -47,9 +48,11 @@ from .resume import (
     usable_checkpoint,
 )
 
-# Exit status of a run stopped by the preemption signal: "try again later" (sysexits EX_TEMPFAIL).
-# Snakemake's retry (or Slurm's requeue) then resumes from the last finished epoch's last.ckpt.
+# Exit status of a run stopped by a stop signal: "try again later" (sysexits EX_TEMPFAIL).
+# Snakemake's retry (or Slurm's requeue) then resumes from last.ckpt.
 EXIT_PREEMPTED = 75
+# Under DDP the ranks agree on a stop signal every this many batches (one all-reduce).
+AGREE_EVERY = 10
 # The default of --collective-timeout, from the environment (the rules do not pass the option).
 COLLECTIVE_TIMEOUT_ENV = "MNISTFLOW_COLLECTIVE_TIMEOUT_S"
 # Write errors reported as a full disk: no space, quota exceeded, file size limit (ulimit -f).
@@ -70,7 +73,9 @@ def parse_args(argv: Sequence[str] | None):
     p.add_argument("--collective-timeout", type=float, default=float(os.environ.get(COLLECTIVE_TIMEOUT_ENV) or 300.0),
                    help=f"seconds before a DDP collective gives up on a dead or hung rank (default: ${COLLECTIVE_TIMEOUT_ENV}, else 300)")
     p.add_argument("--env-record", help="the environment record (envinfo) to copy into train.json")
-    p.add_argument("--preempt-signal", default="SIGUSR1", help="the signal Slurm sends before the time limit (sbatch --signal)")
+    p.add_argument("--preempt-signal", default="SIGUSR1", help="the signal Slurm sends before the time limit (sbatch --signal); SIGTERM is handled too")
+    p.add_argument("--checkpoint-every-s", type=float, default=0.0,
+                   help="also save last.ckpt mid-epoch every this many seconds (0: at epoch ends only)")
     return p.parse_args(argv)
 
 
@@ -99,13 +104,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     os.environ["OMP_NUM_THREADS"] = str(threads)
     _choose_gloo_interface()
+    signals = StopSignals((args.preempt_signal, "SIGTERM"))
+    signals.install()  # from here on a stop signal is remembered, not fatal
     identity = run_identity(run, args.train_data, args.val_size, args.train_limit)
     # On record before torch is imported, so that an attempt killed at any point shows.
     attempt = Attempt(Path(args.out) / "logs", identity) if is_first_process() else None
     if attempt:
         attempt.begin()
     try:
-        return train(args, run, geometry, granted, threads, identity, attempt)
+        return train(args, run, geometry, granted, threads, identity, attempt, signals)
     except OSError as err:
         if err.errno not in DISK_FULL:
             _record_failure(attempt, err)
@@ -145,11 +152,13 @@ def _choose_gloo_interface() -> None:
                     "cluster set GLOO_SOCKET_IFNAME to the interconnect's interface", address)
 
 
-def train(args, run: dict, geometry: Geometry, granted: dict, threads: int, identity: dict, attempt: Attempt | None) -> int:
+def train(args, run: dict, geometry: Geometry, granted: dict, threads: int, identity: dict,
+          attempt: Attempt | None, signals: StopSignals) -> int:
     import torch
     import pytorch_lightning as pl
     from pytorch_lightning.callbacks import ModelCheckpoint
     from pytorch_lightning.loggers import CSVLogger
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
 
     from .atomic import write_json, write_text
     from .datamodule import MNISTDataModule
@@ -193,7 +202,7 @@ def train(args, run: dict, geometry: Geometry, granted: dict, threads: int, iden
             timeout=dt.timedelta(seconds=args.collective_timeout), process_group_backend=backend
         )
     throughput = make_throughput_callback()
-    preemption = make_preemption_callback(args.preempt_signal)
+    save_and_stop = make_save_and_stop_callback(signals, last, args.checkpoint_every_s, AGREE_EVERY)
     resume_state = resume_state_callback(identity, attempt.number if attempt else None)
     plugins = [atomic_checkpoint_io()]
     if "SLURM_NTASKS" in os.environ:
@@ -212,7 +221,7 @@ def train(args, run: dict, geometry: Geometry, granted: dict, threads: int, iden
         callbacks=[
             ModelCheckpoint(dirpath=ckpt_dir, filename="last", save_top_k=1, enable_version_counter=False),
             throughput,
-            preemption,
+            save_and_stop,
             resume_state,
         ],
         plugins=plugins,
@@ -225,17 +234,23 @@ def train(args, run: dict, geometry: Geometry, granted: dict, threads: int, iden
         log.info("resuming from %s", resume)
     if attempt:
         keep_earlier_log(log_dir)  # an earlier attempt's, which the CSV logger would delete
+    # The CSV logger warns that it will delete "previous log files" whenever logs/ holds any
+    # file; it deletes only metrics.csv, which keep_earlier_log has just kept.
+    warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
 
     def attempt_figures(fit_s: float) -> dict:
-        done = resume_state.resumed_from["epochs_done"] if resume_state.resumed_from else 0
-        return {"resumed_from": _resumed_from(resume, resume_state), "epochs_trained": trainer.current_epoch - done,
+        first_step = resume_state.resumed_from["global_step"] if resume_state.resumed_from else 0
+        return {"resumed_from": _resumed_from(resume, resume_state), "steps_trained": trainer.global_step - first_step,
                 "fit_s": round(fit_s, 3), "train_s": round(throughput.seconds - throughput.restored["seconds"], 3),
                 "train_samples": (throughput.samples - throughput.restored["samples"]) * trainer.world_size}
 
     t0 = time.perf_counter()
     try:
         trainer.fit(model, datamodule=data, ckpt_path=resume, weights_only=True)
-    except Preempted as stop:
+    except (Preempted, SIGTERMException) as stop:
+        # SIGTERMException: Lightning's own SIGTERM handler, in the moment before training
+        # starts when it is in place; it stops without saving, at the last checkpoint.
+        stop = stop if isinstance(stop, Preempted) else "SIGTERM received (Lightning stopped)"
         log.warning("%s (%s); exiting %d so a retry or requeue resumes", stop, last, EXIT_PREEMPTED)
         if attempt:
             attempt.end(f"preempted: {stop}", **attempt_figures(time.perf_counter() - t0))

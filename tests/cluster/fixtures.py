@@ -12,7 +12,8 @@ and in a test::
         assert slurm_cluster.sacct(jobid, ["State"], allocations_only=True)[0]["State"] == "COMPLETED"
 
 The fixture starts one cluster per pytest session (2 nodes x 2 CPUs x 4000 MB x 2 fake
-GPUs, partition ``debug``, account ``lab``; about 4 s) and stops it at the end.  It skips,
+GPUs, partition ``debug``; 1 CPU-only node, partition ``cpu``; account ``lab``; about 4 s)
+and stops it at the end.  It skips,
 with the reason shown by ``pytest -rs``, only where Slurm truly cannot run here (not root,
 not Linux, packages missing and apt-get unavailable or failing); a cluster that should
 start but does not is a test *error* carrying the daemon log tail.

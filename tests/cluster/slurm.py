@@ -317,6 +317,8 @@ class SlurmCluster:
         gpus_per_node: int = 2,
         account: str = "lab",
         partition: str = "debug",
+        cpu_nodes: int = 1,
+        cpu_partition: str = "cpu",
         cluster_name: str = "lab",
         *,
         def_mem_per_cpu: int = 500,
@@ -355,7 +357,11 @@ class SlurmCluster:
         self.db_user = db_user
         self.db_password = db_password
         self.start_timeout = start_timeout
-        self.node_names = [f"n{i}" for i in range(1, nodes + 1)]
+        # GPU nodes n1..nN in `partition`, then CPU-only nodes c1..cM in `cpu_partition`
+        self.gpu_node_names = [f"n{i}" for i in range(1, nodes + 1)]
+        self.cpu_node_names = [f"c{i}" for i in range(1, cpu_nodes + 1)]
+        self.node_names = self.gpu_node_names + self.cpu_node_names
+        self.cpu_partition = cpu_partition
         self.timings: dict[str, float] = {}
         self.started = False
         self._lock_fd: int | None = None
@@ -582,8 +588,8 @@ class SlurmCluster:
         for n in self.node_names:
             self._start_daemon(f"slurmd-{n}", [_which("slurmd") or "slurmd", "-N", n], [f"slurmd-{n}"])
         self._wait(
-            f"{self.nodes} idle node(s)",
-            lambda: sum(1 for row in self.nodes_info() if row["state"] == "idle") >= self.nodes,
+            f"{len(self.node_names)} idle node(s)",
+            lambda: sum(1 for row in self.nodes_info() if row["state"] == "idle") >= len(self.node_names),
             self.start_timeout,
             ["slurmctld", *[f"slurmd-{n}" for n in self.node_names]],
             daemons=["slurmctld", *[f"slurmd-{n}" for n in self.node_names]],
@@ -913,13 +919,19 @@ class SlurmCluster:
             "SlurmdParameters=config_overrides",
         ]
         for i, n in enumerate(self.node_names, start=1):
-            gres = f" Gres=gpu:{self.gpus_per_node}" if self.gpus_per_node else ""
+            gres = f" Gres=gpu:{self.gpus_per_node}" if self.gpus_per_node and n in self.gpu_node_names else ""
             lines.append(
                 f"NodeName={n} NodeHostname=localhost NodeAddr={self._node_addr(i)} "
                 f"Port={self.node_port_base + i} CPUs={self.cpus_per_node} "
                 f"RealMemory={self.mem_mb_per_node}{gres} State=UNKNOWN"
             )
-        lines.append(f"PartitionName={self.partition} Nodes=ALL Default=YES MaxTime=INFINITE DefaultTime=60 State=UP")
+        lines.append(
+            f"PartitionName={self.partition} Nodes={','.join(self.gpu_node_names)} Default=YES MaxTime=INFINITE DefaultTime=60 State=UP"
+        )
+        if self.cpu_node_names:  # a partition without GPUs, as many clusters have
+            lines.append(
+                f"PartitionName={self.cpu_partition} Nodes={','.join(self.cpu_node_names)} MaxTime=INFINITE DefaultTime=60 State=UP"
+            )
         return "\n".join(lines) + "\n"
 
     def _write_configs(self) -> None:
@@ -927,7 +939,7 @@ class SlurmCluster:
         gres = self.conf_dir / "gres.conf"
         if self.gpus_per_node:
             gres.write_text(
-                f"NodeName={','.join(self.node_names)} Name=gpu "
+                f"NodeName={','.join(self.gpu_node_names)} Name=gpu "
                 f"File={self.gpu_dir}/gpu[0-{self.gpus_per_node - 1}]\n"
             )
         else:

@@ -1,3 +1,4 @@
+import ast
 import json
 import os
 import re
@@ -80,9 +81,25 @@ def refuse_runs_no_partition_holds(jobs):
         problem = geometry(job.wildcards).partition_problem(partitions[partition])
         if problem:
             raise WorkflowError(
-                f"config: run '{job.wildcards.run}': {problem}. Nothing was submitted; "
-                "lower the run's `devices` or `nodes`, or choose another slurm_partition."
+                f"config: run '{job.wildcards.run}': {problem}. Nothing was submitted."
             )
+
+
+PREEMPTION_SIGNAL = "--signal=USR1@90"
+
+
+def slurm_extra_with(flags):
+    """A rule's slurm_extra: its own flags, then those given every rule as
+    `--default-resources slurm_extra=...` (a rule's own resource would replace them)."""
+    defaults = workflow.resource_settings.default_resources
+    given = defaults.get("slurm_extra") if defaults else None
+    if given is None or given.raw is None:
+        return flags
+    try:  # the command line's value is a Python expression, usually a quoted string
+        value = ast.literal_eval(given.raw)
+    except (ValueError, SyntaxError):
+        value = given.raw
+    return f"{flags} {value or ''}".strip()
 
 
 def directory_of(path_or_list):

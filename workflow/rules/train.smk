@@ -18,7 +18,20 @@ TRAIN_SHELL = (
     "python -m mnistflow.train --run {wildcards.run} --params {params.settings:q}"
     " --train-data {input.train} --out {params.out} --val-size {params.val_size}"
     " --train-limit {params.train_limit} --threads {resources.cpus_per_task}"
+    " --checkpoint-every-s {resources.checkpoint_every_s}"
     " --env-record {input.environment} > {log} 2>&1"
+)
+# Runtime settings of both training rules, not params: they change when a run is saved or
+# how Slurm warns it, never what it computes, so changing them reruns nothing. Override
+# them per cluster in the profile (set-resources).
+TRAIN_RUNTIME = dict(
+    runtime=60,
+    # Also save last.ckpt mid-epoch this often, so a SIGKILL loses at most this much.
+    checkpoint_every_s=600,
+    # Slurm sends USR1 90 s before the time limit: every rank saves and stops (README,
+    # "Preemption"). Composed with the sbatch flags given every rule as
+    # --default-resources slurm_extra=...
+    slurm_extra=slurm_extra_with(PREEMPTION_SIGNAL),
 )
 
 
@@ -44,10 +57,10 @@ rule train:
         *ENV_MODULES,
     threads: 4
     resources:
+        **TRAIN_RUNTIME,
         nodes=1,
         cpus_per_task=lambda wildcards, threads: threads,
         mem_mb=4000,
-        runtime=60,
         gres=slurm_resource("gres", ""),
     params:
         **TRAIN_PARAMS,
@@ -73,6 +86,7 @@ rule train_ddp:
         *ENV_MODULES,
     threads: lambda wildcards: geometry(wildcards).world_size
     resources:
+        **TRAIN_RUNTIME,
         nodes=slurm_resource("nodes"),
         mpi=slurm_resource("mpi"),
         tasks=slurm_resource("tasks", 0),
@@ -83,7 +97,6 @@ rule train_ddp:
             1, threads // geometry(wildcards).world_size
         ),
         mem_mb_per_cpu=2000,
-        runtime=60,
     params:
         **TRAIN_PARAMS,
     shell:
