@@ -32,6 +32,14 @@ def test_defaults_are_filled():
     assert config["evaluate"]["batch_size"] == 100
 
 
+def test_cpus_and_memory_per_process_default_and_override():
+    from mnistflow.config import RUNTIME
+
+    run = resolve_run({"train": {"mem_mb_per_process": 8000}, "runs": {"a": {"cpus_per_process": 8}}}, "a")
+    assert run["cpus_per_process"] == 8 and run["mem_mb_per_process"] == 8000
+    assert {k: resolve_run({"runs": {"a": {}}}, "a")[k] for k in RUNTIME} == RUNTIME
+
+
 def test_recipe_defaults_match_the_shipped_config():
     shipped = load()["train"]
     assert {k: RECIPE[k] for k in shipped} == shipped

@@ -666,8 +666,8 @@ def test_sixty_run_sweep_plans_in_seconds(prepared):
 
 
 def test_twenty_run_sweep_never_oversubscribes_two_cores(prepared):
-    """Each job's process reads its thread count from the rule's resources (`--threads`);
-    Snakemake starts jobs only while their threads fit in --cores."""
+    """Snakemake starts jobs only while their threads fit in --cores, and passes each job's
+    threads to its process (`--job-threads`), which trains with no more (its record says)."""
     wf = prepared
     grid = {"lr": [0.001, 0.002, 0.003, 0.005, 0.01], "seed": [1, 2, 3, 4]}
     wf.write_config("extra.yaml", {"dataset": {"train_limit": 300, "val_size": 100},
@@ -682,7 +682,7 @@ def test_twenty_run_sweep_never_oversubscribes_two_cores(prepared):
             for pid in job_processes(wf, "train"):
                 try:
                     args = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
-                    found[pid] = (args[args.index("--run") + 1], int(args[args.index("--threads") + 1]))
+                    found[pid] = (args[args.index("--run") + 1], int(args[args.index("--job-threads") + 1]))
                 except (OSError, ValueError, IndexError):
                     continue
             # A scan of /proc is not one instant: keep only processes still alive once it ends. A job is

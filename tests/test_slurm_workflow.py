@@ -26,8 +26,6 @@ SLURM_ARGS = (
     "--slurm-init-seconds-before-status-checks", "1",
     "--slurm-keep-successful-logs",
     "--jobs", "4",
-    # a 2-CPU test node: what a user of a small partition sets in their profile
-    "--set-threads", "train=2",
 )
 
 
@@ -64,6 +62,29 @@ def test_chain_completes_on_slurm(slurm_chain):
         assert slurm_chain.path(f"results/logs/{rule}.log").exists(), rule
 
 
+def test_summary_has_each_training_jobs_grant_and_use_from_sacct(slurm_cluster, slurm_chain):
+    from mnistflow.summarize import seconds
+
+    with open(slurm_chain.path("results/summary/slurm_usage.csv")) as fh:
+        usage = {row["run"]: row for row in csv.DictReader(fh)}
+    assert set(usage) == {"single", "multinode"}, usage
+    # run, job, CPUs (2 a process, .test/config), memory (4000 MB a process)
+    for run, key, cpus, mem in (("single", "train/single", 2, 4000), ("multinode", "train_ddp/multinode", 4, 8000)):
+        (jobid,) = slurm_chain.jobs[key]
+        row, job = usage[run], slurm_cluster.scontrol_show_job(jobid)
+        assert row["job"] == str(jobid) and row["state"] == "COMPLETED", row
+        assert int(row["cpus"]) == cpus == int(job["NumCPUs"]) and float(row["mem_requested_mb"]) == mem, (row, job["TRES"])
+        assert float(row["time_limit_s"]) == seconds(job["TimeLimit"]) == 3600
+        assert float(row["wall_s"]) == seconds(job["RunTime"]) and float(row["cpu_s_allocated"]) == cpus * float(row["wall_s"])
+        assert 0 < float(row["cpu_s_used"]) <= float(row["cpu_s_allocated"]) + 1, row
+        assert float(row["max_rss_mb"]) > 100, row  # a process that imported torch
+    with open(slurm_chain.path("results/summary/runs.csv")) as fh:
+        runs = {row["run"]: row for row in csv.DictReader(fh)}
+    assert all(0 < float(runs[r]["slurm_cpu_efficiency"]) <= 1.05 and float(runs[r]["slurm_max_rss_mb"]) > 100 for r in usage), runs
+    # and the plugin's own efficiency report, which the profile turns on
+    assert list(slurm_chain.path("results/logs/slurm").glob("efficiency_report_*.csv"))
+
+
 def _job(cluster, wf, key):
     (jobid,) = wf.jobs[key]
     return jobid, cluster.scontrol_show_job(jobid)
@@ -73,7 +94,8 @@ def test_each_rule_got_what_it_asked_for(slurm_cluster, slurm_chain):
     expected = {
         # key: (nodes, tasks, cpus per task, memory field, memory, time limit, gres per node)
         "train/single": (1, 1, 2, "MinMemoryNode", "4000M", "01:00:00", "gpu:1"),
-        "train_ddp/multinode": (2, 2, 1, "MinMemoryCPU", "2000M", "01:00:00", "gpu:1"),
+        # .test/config: cpus_per_process 2 (the 2-CPU test nodes); mem_mb_per_process 4000 over them
+        "train_ddp/multinode": (2, 2, 2, "MinMemoryCPU", "2000M", "01:00:00", "gpu:1"),
         "evaluate/single": (1, 1, 2, "MinMemoryNode", "3000M", "00:15:00", None),
     }
     for key, (nodes, tasks, cpus, mem_field, mem, limit, gres) in expected.items():
@@ -111,7 +133,8 @@ def test_dry_run_shows_the_slurm_request(slurm_chain):
     # Snakemake prints each job's resources in the plan, so the cost is visible before submitting.
     block = slurm_chain.plan[slurm_chain.plan.index("rule train_ddp:"):]
     block = block[: block.index("\n\n")] if "\n\n" in block else block
-    for needle in ("nodes=2", "mpi=srun", "tasks=2", "gres=gpu:1", "cpus_per_task=1", "mem_mb_per_cpu=2000", "runtime=60", "slurm_partition=debug"):
+    for needle in ("nodes=2", "mpi=srun", "tasks=2", "gres=gpu:1", "cpus_per_task=2", "mem_mb_per_cpu=2000", "runtime=60", "slurm_partition=debug",
+                   "checkpoint_every_s=600", "slurm_extra=--signal=USR1@90"):
         assert needle in block, (needle, block)
 
 
@@ -233,3 +256,21 @@ def test_gpu_run_on_a_cpu_only_partition_is_refused_naming_the_fix(slurm_cluster
     wf.snakemake("results/runs/plain/train.json", *cpu_args, timeout=300)
     record = json.loads(wf.path("results/runs/plain/train.json").read_text())
     assert record["accelerator"] == "CPUAccelerator" and record["hosts"][0].startswith("c1/"), record["hosts"]
+
+
+def test_cpus_and_memory_per_process_reach_slurm_and_the_ranks(slurm_cluster, tmp_path_factory, mirror):
+    """A 2-node DDP run with cpus_per_process 2 and mem_mb_per_process 2000: each task is granted
+    2 CPUs and 1000 MB per CPU, and each rank trains with 2 threads."""
+    wf = Workflow(copy_workflow(tmp_path_factory.mktemp("cpus-per-process")), [TEST_CONFIG])
+    wf.write_config("mirror.yaml", mirror.overlay())
+    wf.write_config("extra.yaml", {
+        "runs": {"wide": {"model": "mlp", "nodes": 2, "devices": 1, "cpus_per_process": 2, "mem_mb_per_process": 2000}},
+        "dataset": {"train_limit": 1000, "val_size": 100},
+    })
+    wf.snakemake("results/runs/wide/train.json", *SLURM_ARGS, timeout=300)
+    [jobid] = slurm_jobs(wf)["train_ddp/wide"]
+    job = slurm_cluster.scontrol_show_job(jobid)
+    assert job["NumNodes"] == "2" and job["CPUs/Task"] == "2" and job["MinMemoryCPU"] == "1000M", job
+    record = json.loads(wf.path("results/runs/wide/train.json").read_text())
+    assert record["threads_per_process"] == 2 and record["threads_by_rank"] == [2, 2], record
+    assert "cpus_per_process" not in record["settings"]  # a grant, not a setting: changing it retrains nothing

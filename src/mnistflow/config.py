@@ -42,6 +42,16 @@ RECIPE = {
     "devices": 1,
 }
 
+# What each training process is granted: its CPUs (the training threads, OMP_NUM_THREADS and
+# Slurm's --cpus-per-task follow them) and memory. A GPU rank with one CPU starves, so 4; on a
+# machine with fewer cores Snakemake gives a local job what there is. They decide the
+# request, not what is trained: they are not among the training rule's params, and changing
+# them reruns nothing.
+RUNTIME = {
+    "cpus_per_process": 4,
+    "mem_mb_per_process": 4000,
+}
+
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
@@ -58,10 +68,10 @@ def resolve_run(config: Mapping, name: str) -> dict:
         raise ConfigError(
             f"runs.{name}: a run name must match {RUN_NAME.pattern} (it becomes a folder and reaches shell commands)"
         )
-    run = {**RECIPE, **(config.get("train") or {}), **(runs[name] or {})}
-    unknown = sorted(set(run) - set(RECIPE))
+    run = {**RECIPE, **RUNTIME, **(config.get("train") or {}), **(runs[name] or {})}
+    unknown = sorted(set(run) - set(RECIPE) - set(RUNTIME))
     if unknown:
-        raise ConfigError(f"runs.{name}: unknown key(s) {unknown}; allowed: {sorted(RECIPE)}")
+        raise ConfigError(f"runs.{name}: unknown key(s) {unknown}; allowed: {sorted({**RECIPE, **RUNTIME})}")
     try:
         geometry = Geometry.from_run(run)
     except ValueError as err:

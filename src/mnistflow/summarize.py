@@ -3,6 +3,9 @@
     python -m mnistflow.summarize --runs NAME... --results results/runs --out DIR
 
 Reads each run's train.json (geometry, time, throughput) and metrics.json (test scores).
+For runs trained on Slurm it asks sacct what each training job was granted and used (a job
+cannot know that of itself while it runs): slurm_usage.csv, one row per job, and the
+totals per run in the table, so that requests can be sized by what runs used.
 """
 
 from __future__ import annotations
@@ -11,17 +14,74 @@ import argparse
 import csv
 import io
 import json
+import re
+import shutil
+import subprocess
 from pathlib import Path
 
 from .atomic import atomic_path, write_text
 from .cli import run_and_exit
 
 COLUMNS = ("run", "model", "nodes", "devices", "world_size", "epochs", "batch_size", "lr",
-           "test_accuracy", "test_loss", "train_s", "samples_per_s", "hosts")
+           "test_accuracy", "test_loss", "train_s", "samples_per_s", "hosts",
+           "slurm_cpu_efficiency", "slurm_max_rss_mb")
+USAGE_COLUMNS = ("run", "job", "state", "nodes", "cpus", "wall_s", "time_limit_s", "cpu_s_allocated",
+                 "cpu_s_used", "cpu_efficiency", "mem_requested_mb", "max_rss_mb")
+SACCT_FIELDS = ("JobID", "State", "NNodes", "NCPUS", "Elapsed", "Timelimit", "TotalCPU", "ReqMem", "MaxRSS")
 
 
-def collect(runs, results_dir) -> list[dict]:
-    rows = []
+def seconds(text: str) -> float | None:
+    """sacct's [D-][HH:]MM:SS[.fff] (Elapsed, Timelimit, TotalCPU) in seconds."""
+    m = re.fullmatch(r"(?:(\d+)-)?(?:(\d+):)?(\d+):(\d+(?:\.\d+)?)", text.strip())
+    if not m:
+        return None
+    days, hours, minutes, secs = m.groups()
+    return ((int(days or 0) * 24 + int(hours or 0)) * 60 + int(minutes)) * 60 + float(secs)
+
+
+def megabytes(text: str) -> float | None:
+    """sacct's 4000M, 3.5G, 812K (ReqMem, MaxRSS) in MB."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([KMGT]?)[cn]?", text.strip())
+    if not m:
+        return None
+    return float(m.group(1)) * {"K": 1 / 1024, "": 1 / 1024 ** 2, "M": 1, "G": 1024, "T": 1024 ** 2}[m.group(2)]
+
+
+def slurm_usage(job_ids) -> list[dict]:
+    """Per job (allocation): what it was granted and what it used, from sacct; [] off Slurm."""
+    ids = sorted({str(j) for j in job_ids if j}, key=int)
+    if not ids or shutil.which("sacct") is None:
+        return []
+    try:
+        out = subprocess.run(["sacct", "-j", ",".join(ids), "--parsable2", "--noheader", f"--format={','.join(SACCT_FIELDS)}"],
+                             capture_output=True, text=True, timeout=60, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    jobs: dict[str, dict] = {}
+    for line in out.splitlines():
+        row = dict(zip(SACCT_FIELDS, line.split("|")))
+        job, _, step = row["JobID"].partition(".")
+        if not step:  # the allocation: its grant, wall time and (all steps') CPU time
+            wall = seconds(row["Elapsed"]) or 0.0
+            cpus = int(row["NCPUS"] or 0)
+            used = seconds(row["TotalCPU"])
+            mem = megabytes(row["ReqMem"])
+            per = {"c": cpus, "n": int(row["NNodes"] or 1)}.get(row["ReqMem"].strip()[-1:], 1)  # 4000Mc: per CPU
+            jobs[job] = {"job": job, "state": row["State"].split()[0], "nodes": int(row["NNodes"] or 0), "cpus": cpus,
+                         "wall_s": wall, "time_limit_s": seconds(row["Timelimit"]), "cpu_s_allocated": cpus * wall,
+                         "cpu_s_used": used, "mem_requested_mb": mem * per if mem is not None else None, "max_rss_mb": None}
+        elif job in jobs:  # a step (batch, 0, 1, ...): the most memory one of its tasks held
+            rss = megabytes(row["MaxRSS"]) if row["MaxRSS"] else None
+            if rss is not None:
+                jobs[job]["max_rss_mb"] = max(jobs[job]["max_rss_mb"] or 0.0, rss)
+    for usage in jobs.values():
+        usage["cpu_efficiency"] = (round(usage["cpu_s_used"] / usage["cpu_s_allocated"], 3)
+                                   if usage["cpu_s_used"] is not None and usage["cpu_s_allocated"] else None)
+    return [jobs[j] for j in ids if j in jobs]
+
+
+def collect(runs, results_dir) -> tuple[list[dict], list[dict]]:
+    rows, usage = [], []
     for name in runs:
         train = json.loads((Path(results_dir) / name / "train.json").read_text())
         metrics = json.loads((Path(results_dir) / name / "eval" / "metrics.json").read_text())
@@ -41,12 +101,19 @@ def collect(runs, results_dir) -> list[dict]:
             "samples_per_s": train["samples_per_s"],
             "hosts": len({h.split("/")[0] + "/" + h.split("/")[1] for h in train["hosts"]}),
         })
-    return rows
+        jobs = [{"run": name, **job} for job in slurm_usage(a.get("slurm_job_id") for a in train["attempts"])]
+        usage += jobs
+        used = [j["cpu_s_used"] for j in jobs if j["cpu_s_used"] is not None]
+        allocated = sum(j["cpu_s_allocated"] for j in jobs)
+        rss = [j["max_rss_mb"] for j in jobs if j["max_rss_mb"] is not None]
+        rows[-1]["slurm_cpu_efficiency"] = round(sum(used) / allocated, 3) if used and allocated else ""
+        rows[-1]["slurm_max_rss_mb"] = round(max(rss)) if rss else ""
+    return rows, usage
 
 
-def to_csv(rows) -> str:
+def to_csv(rows, columns=COLUMNS) -> str:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     return buf.getvalue()
@@ -84,9 +151,10 @@ def main(argv=None) -> int:
     p.add_argument("--results", required=True, help="directory holding one folder per run")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
-    rows = collect(args.runs, args.results)
+    rows, usage = collect(args.runs, args.results)
     out = Path(args.out)
     write_text(out / "runs.csv", to_csv(rows))
+    write_text(out / "slurm_usage.csv", to_csv(usage, USAGE_COLUMNS))
     write_text(out / "runs.md", to_markdown(rows))
     plot(rows, out / "runs.png")
     return 0

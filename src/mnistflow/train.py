@@ -69,7 +69,9 @@ def parse_args(argv: Sequence[str] | None):
     p.add_argument("--out", required=True, help="the run's output directory")
     p.add_argument("--val-size", type=int, default=5000)
     p.add_argument("--train-limit", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0, help="CPU threads per process (0: SLURM_CPUS_PER_TASK, else all)")
+    p.add_argument("--threads", type=int, default=0, help="CPUs granted each process on Slurm (--cpus-per-task; 0: SLURM_CPUS_PER_TASK, else all)")
+    p.add_argument("--job-threads", type=int, default=0,
+                   help="outside Slurm, the threads Snakemake gave the whole job, shared between its processes (0: no limit)")
     p.add_argument("--collective-timeout", type=float, default=float(os.environ.get(COLLECTIVE_TIMEOUT_ENV) or 300.0),
                    help=f"seconds before a DDP collective gives up on a dead or hung rank (default: ${COLLECTIVE_TIMEOUT_ENV}, else 300)")
     p.add_argument("--env-record", help="the environment record (envinfo) to copy into train.json")
@@ -79,12 +81,14 @@ def parse_args(argv: Sequence[str] | None):
     return p.parse_args(argv)
 
 
-def threads_per_process(requested: int) -> int:
-    if requested > 0:
-        return requested
-    if os.environ.get("SLURM_CPUS_PER_TASK", "").isdigit():
-        return int(os.environ["SLURM_CPUS_PER_TASK"])
-    return os.cpu_count() or 1
+def threads_per_process(requested: int, job_threads: int, world_size: int) -> int:
+    """The training threads of each process: on Slurm what each task is granted; locally no
+    more than its share of the threads Snakemake gave the job (at most --cores)."""
+    if requested <= 0:
+        requested = int(os.environ["SLURM_CPUS_PER_TASK"]) if os.environ.get("SLURM_CPUS_PER_TASK", "").isdigit() else (os.cpu_count() or 1)
+    if job_threads > 0 and "SLURM_JOB_ID" not in os.environ:
+        return max(1, min(requested, job_threads // world_size))
+    return requested
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -93,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     run = json.loads(args.params)
     geometry = Geometry.from_run(run)
-    threads = threads_per_process(args.threads)
+    threads = threads_per_process(args.threads, args.job_threads, geometry.world_size)
     code = relaunch(geometry, "mnistflow.train", argv, cpus_per_task=threads)
     if code is not None:
         return code
@@ -257,7 +261,9 @@ def train(args, run: dict, geometry: Geometry, granted: dict, threads: int, iden
         return EXIT_PREEMPTED
     fit_s = time.perf_counter() - t0
 
-    hosts = _gather_hosts(trainer)
+    me = f"{os.environ.get('SLURMD_NODENAME') or socket.gethostname()}/node{trainer.node_rank}/rank{trainer.global_rank}"
+    hosts = _gather(trainer, me)
+    threads_by_rank = _gather(trainer, torch.get_num_threads())
     # save_checkpoint is collective: every rank calls it, rank 0 writes (atomically).
     trainer.save_checkpoint(out / "model.ckpt", weights_only=False)
     if attempt:
@@ -276,6 +282,7 @@ def train(args, run: dict, geometry: Geometry, granted: dict, threads: int, iden
             "device": device_name(trainer.strategy.root_device),
             "hosts": hosts,
             "threads_per_process": threads,
+            "threads_by_rank": threads_by_rank,
             "resumed_from": _resumed_from(resume, resume_state),
             "epochs": trainer.current_epoch,
             "global_step": trainer.global_step,
@@ -353,16 +360,16 @@ def cpu_model() -> str:
     return ""
 
 
-def _gather_hosts(trainer) -> list[str]:
-    """Each rank's host (SLURMD_NODENAME where set: fake Slurm nodes share one hostname)."""
-    me = f"{os.environ.get('SLURMD_NODENAME') or socket.gethostname()}/node{trainer.node_rank}/rank{trainer.global_rank}"
+def _gather(trainer, value) -> list:
+    """`value` from every rank, in rank order. Hosts are SLURMD_NODENAME where set: fake
+    Slurm nodes share one hostname."""
     if trainer.world_size == 1:
-        return [me]
+        return [value]
     import torch.distributed as dist
 
-    hosts: list = [None] * trainer.world_size
-    dist.all_gather_object(hosts, me)
-    return hosts
+    values: list = [None] * trainer.world_size
+    dist.all_gather_object(values, value)
+    return values
 
 
 if __name__ == "__main__":

@@ -874,7 +874,9 @@ class SlurmCluster:
                 f"AccountingStoragePort={self.dbd_port}",
                 "AccountingStorageTRES=gres/gpu",
                 "JobAcctGatherType=jobacct_gather/linux",
-                "JobAcctGatherFrequency=30",
+                # sample every second: the test jobs last seconds, and sacct reports MaxRSS only
+                # from samples (the default, 30 s, leaves it empty for them)
+                "JobAcctGatherFrequency=task=1",
             ]
         )
         lines = [

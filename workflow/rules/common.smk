@@ -16,7 +16,7 @@ SRC = os.path.join(workflow.basedir, "src")
 sys.path.insert(0, SRC)
 
 from mnistflow.codedigest import code_digest
-from mnistflow.config import ConfigError, resolve_runs
+from mnistflow.config import RUNTIME, ConfigError, resolve_runs
 from mnistflow.data import DOWNLOAD_ENV, FILES
 from mnistflow.envinfo import versions_imported_by
 from mnistflow.geometry import Geometry, GeometryError, PartitionNodes
@@ -39,7 +39,26 @@ def geometry(wildcards):
 
 
 def run_settings(wildcards):
-    return json.dumps(RUNS[wildcards.run], sort_keys=True)
+    """The training param: what the run computes. Its grant (RUNTIME) is in its resources."""
+    run = RUNS[wildcards.run]
+    return json.dumps(
+        {k: v for k, v in run.items() if k not in RUNTIME}, sort_keys=True
+    )
+
+
+def run_value(key):
+    return lambda wildcards: RUNS[wildcards.run][key]
+
+
+def training_threads(wildcards):
+    """All the run's processes' CPUs: what a local run takes of --cores (Snakemake gives it
+    at most that)."""
+    return geometry(wildcards).world_size * RUNS[wildcards.run]["cpus_per_process"]
+
+
+def ddp_mem_mb_per_cpu(wildcards):
+    run = RUNS[wildcards.run]
+    return -(-run["mem_mb_per_process"] // run["cpus_per_process"])
 
 
 def runs_where(distributed):

@@ -9,6 +9,8 @@ rule summarize:
         metrics=expand("results/runs/{run}/eval/metrics.json", run=RUNS),
     output:
         csv="results/summary/runs.csv",
+        # each training job's grant and use, from sacct (header only off Slurm)
+        slurm_usage="results/summary/slurm_usage.csv",
         markdown=report(
             "results/summary/runs.md",
             caption="../report/summary.rst",

@@ -17,7 +17,7 @@ TRAIN_PARAMS = dict(
 TRAIN_SHELL = (
     "python -m mnistflow.train --run {wildcards.run} --params {params.settings:q}"
     " --train-data {input.train} --out {params.out} --val-size {params.val_size}"
-    " --train-limit {params.train_limit} --threads {resources.cpus_per_task}"
+    " --train-limit {params.train_limit} --threads {resources.cpus_per_task} --job-threads {threads}"
     " --checkpoint-every-s {resources.checkpoint_every_s}"
     " --env-record {input.environment} > {log} 2>&1"
 )
@@ -55,12 +55,12 @@ rule train:
         software_env("torch")
     envmodules:
         *ENV_MODULES,
-    threads: 4
+    threads: training_threads
     resources:
         **TRAIN_RUNTIME,
         nodes=1,
-        cpus_per_task=lambda wildcards, threads: threads,
-        mem_mb=4000,
+        cpus_per_task=run_value("cpus_per_process"),
+        mem_mb=run_value("mem_mb_per_process"),
         gres=slurm_resource("gres", ""),
     params:
         **TRAIN_PARAMS,
@@ -84,7 +84,7 @@ rule train_ddp:
         software_env("torch")
     envmodules:
         *ENV_MODULES,
-    threads: lambda wildcards: geometry(wildcards).world_size
+    threads: training_threads
     resources:
         **TRAIN_RUNTIME,
         nodes=slurm_resource("nodes"),
@@ -93,10 +93,8 @@ rule train_ddp:
         tasks_per_node=slurm_resource("tasks_per_node", 0),
         tasks_per_gpu=slurm_resource("tasks_per_gpu", 0),
         gres=slurm_resource("gres", ""),
-        cpus_per_task=lambda wildcards, threads: max(
-            1, threads // geometry(wildcards).world_size
-        ),
-        mem_mb_per_cpu=2000,
+        cpus_per_task=run_value("cpus_per_process"),
+        mem_mb_per_cpu=ddp_mem_mb_per_cpu,
     params:
         **TRAIN_PARAMS,
     shell:
