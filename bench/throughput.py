@@ -139,9 +139,9 @@ def ours(train_npz, batch_size, warmup, measured, threads, seed=42, val_size=500
          network="cnn"):
     """The workflow's training step: train.py's Trainer, our data module and model, our defaults.
 
-    Built as mnistflow.train.train() builds it (that function also writes the run's files,
-    so it cannot be called for a timed slice of steps); the only additions are
-    `max_steps` (stop after the measured steps) and a timing callback.
+    Built as mnistflow.train.train() builds it, with its callbacks (that function also
+    writes the run's files, so it cannot be called for a timed slice of steps); the only
+    additions are `max_steps` (stop after the measured steps) and a timing callback.
     """
     import pytorch_lightning as pl
     from pytorch_lightning.callbacks import ModelCheckpoint
@@ -151,7 +151,8 @@ def ours(train_npz, batch_size, warmup, measured, threads, seed=42, val_size=500
     from mnistflow.datamodule import MNISTDataModule
     from mnistflow.geometry import Geometry
     from mnistflow.model import MNISTClassifier
-    from mnistflow.callbacks import make_throughput_callback
+    from mnistflow.callbacks import StopSignals, make_save_and_stop_callback, make_throughput_callback
+    from mnistflow.resume import resume_state_callback
 
     # The comparison's network and the bare loop's lr (recipe_optimizer), not the default recipe's.
     run = {**RECIPE, "model": network, "lr": 0.003, "batch_size": batch_size, "seed": seed}
@@ -181,8 +182,11 @@ def ours(train_npz, batch_size, warmup, measured, threads, seed=42, val_size=500
             precision=run["precision"],
             default_root_dir=out,
             logger=CSVLogger(save_dir=out, name="logs", version=""),
-            callbacks=[ModelCheckpoint(dirpath=out / "checkpoints", save_top_k=0, save_last=True),
-                       make_throughput_callback(), clock, *extra_callbacks],
+            callbacks=[ModelCheckpoint(dirpath=out / "checkpoints", filename="last", save_top_k=1, enable_version_counter=False),
+                       make_throughput_callback(),
+                       # train.py's: it checks for a stop signal and the checkpoint interval at every batch end
+                       make_save_and_stop_callback(StopSignals(()), out / "checkpoints" / "last.ckpt", 600, 10),
+                       resume_state_callback({}, 1), clock, *extra_callbacks],
             enable_progress_bar=False,
             enable_model_summary=False,
             deterministic=False,
