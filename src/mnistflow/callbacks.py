@@ -33,6 +33,10 @@ class StopSignals:
         for name in self.names:
             signal.signal(getattr(signal, name), self._handle)
 
+    @property
+    def name(self) -> str:
+        return self.received or "a stop signal"
+
     def _handle(self, signum, _frame) -> None:
         import signal
 
@@ -65,7 +69,7 @@ def make_save_and_stop_callback(signals: StopSignals, last, every_s: float, agre
         def on_train_start(self, trainer, pl_module):
             signals.install()  # over Lightning's SIGTERM handler, which would stop without saving
             if self._agree(trainer, signals.received is not None, False)[0]:
-                raise Preempted(f"{signals.received or 'a stop signal'} received before training started")
+                raise Preempted(f"{signals.name} received before training started")
             self._saved_at = time.monotonic()
 
         def _agree(self, trainer, flag: bool, due: bool) -> tuple[bool, bool]:
@@ -86,8 +90,8 @@ def make_save_and_stop_callback(signals: StopSignals, last, every_s: float, agre
             self._saved_at = time.monotonic()
             if stop:
                 where = f"epoch {trainer.current_epoch}, step {trainer.global_step}"
-                log.warning("%s received: saved a mid-epoch checkpoint at %s, stopping", signals.received or "stop signal", where)
-                raise Preempted(f"{signals.received or 'a stop signal'} received; stopped after saving {where} (mid-epoch)")
+                log.warning("%s received: saved a mid-epoch checkpoint at %s, stopping", signals.name, where)
+                raise Preempted(f"{signals.name} received; stopped after saving {where} (mid-epoch)")
 
         def on_train_epoch_end(self, trainer, pl_module):
             self._saved_at = time.monotonic()  # ModelCheckpoint saves last.ckpt now
@@ -96,8 +100,8 @@ def make_save_and_stop_callback(signals: StopSignals, last, every_s: float, agre
             if trainer.current_epoch == 0 or not self._agree(trainer, signals.received is not None, False)[0]:
                 return
             epoch = trainer.current_epoch - 1
-            log.warning("%s received: epoch %d's checkpoint is saved, stopping", signals.received or "stop signal", epoch)
-            raise Preempted(f"{signals.received or 'a stop signal'} received; stopped after saving epoch {epoch}")
+            log.warning("%s received: epoch %d's checkpoint is saved, stopping", signals.name, epoch)
+            raise Preempted(f"{signals.name} received; stopped after saving epoch {epoch}")
 
     return SaveAndStop()
 

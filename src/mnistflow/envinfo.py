@@ -5,7 +5,7 @@
 It lists the packages that training imports (found in its code, codedigest.third_party_imports),
 and only those: training depends on the record, so a package that only evaluation or the
 summary uses (matplotlib) must not retrain. Those rules carry their own packages' versions
-as params (workflow/rules/common.smk, software_params).
+as params (`packages=versions_imported_by(...)` in workflow/rules/).
 """
 
 from __future__ import annotations
@@ -23,8 +23,7 @@ from .codedigest import third_party_imports
 # Import names whose distribution is named otherwise, where importlib.metadata cannot tell
 # (packages_distributions() could, but scans every installed package: 0.2 s at each parse).
 # lightning_fabric ships inside the pytorch-lightning wheel.
-DISTRIBUTIONS = {"pytorch_lightning": "pytorch-lightning", "lightning_fabric": "pytorch-lightning",
-                 "yaml": "PyYAML"}
+DISTRIBUTIONS = {"pytorch_lightning": "pytorch-lightning", "lightning_fabric": "pytorch-lightning"}
 
 
 def package_versions(packages) -> dict[str, str | None]:

@@ -89,7 +89,7 @@ class Attempt:
             "outcome": None,
             "identity": identity_digest(identity),
             "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
-            "host": os.environ.get("SLURMD_NODENAME") or socket.gethostname(),
+            "host": host_name(),
             "resumed_from": None,
         }
 
@@ -97,9 +97,9 @@ class Attempt:
     def number(self) -> int | None:
         return self.entry["attempt"]
 
-    def begin(self) -> None:
+    def begin(self, **fields) -> None:
         """Put this attempt on record (again, after its logs were set aside), numbered after the others."""
-        self.entry["attempt"] = len(self._others()) + 1
+        self.entry.update(fields, attempt=len(self._others()) + 1)
         self._save()
 
     def update(self, **fields) -> None:
@@ -120,6 +120,11 @@ class Attempt:
 
         entries = sorted([*self._others(), self.entry], key=lambda e: e.get("attempt") or 0)
         write_text(self.path, "".join(json.dumps(e) + "\n" for e in entries))
+
+
+def host_name() -> str:
+    """SLURMD_NODENAME where set: the fake nodes of a test cluster share one hostname."""
+    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
 
 
 def read_attempts(path: Path) -> list[dict]:

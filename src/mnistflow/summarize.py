@@ -81,7 +81,7 @@ def slurm_usage(job_ids) -> list[dict]:
 
 
 def collect(runs, results_dir) -> tuple[list[dict], list[dict]]:
-    rows, usage = [], []
+    rows, jobs_of = [], {}
     for name in runs:
         train = json.loads((Path(results_dir) / name / "train.json").read_text())
         metrics = json.loads((Path(results_dir) / name / "eval" / "metrics.json").read_text())
@@ -101,13 +101,18 @@ def collect(runs, results_dir) -> tuple[list[dict], list[dict]]:
             "samples_per_s": train["samples_per_s"],
             "hosts": len({h.split("/")[0] + "/" + h.split("/")[1] for h in train["hosts"]}),
         })
-        jobs = [{"run": name, **job} for job in slurm_usage(a.get("slurm_job_id") for a in train["attempts"])]
+        jobs_of[name] = {str(a["slurm_job_id"]) for a in train["attempts"] if a.get("slurm_job_id")}
+    # one sacct call for every run's jobs: a sweep's summary asks Slurm once
+    by_job = {job["job"]: job for job in slurm_usage(set().union(*jobs_of.values()))}
+    usage = []
+    for row in rows:
+        jobs = [{"run": row["run"], **by_job[j]} for j in sorted(jobs_of[row["run"]], key=int) if j in by_job]
         usage += jobs
         used = [j["cpu_s_used"] for j in jobs if j["cpu_s_used"] is not None]
         allocated = sum(j["cpu_s_allocated"] for j in jobs)
         rss = [j["max_rss_mb"] for j in jobs if j["max_rss_mb"] is not None]
-        rows[-1]["slurm_cpu_efficiency"] = round(sum(used) / allocated, 3) if used and allocated else ""
-        rows[-1]["slurm_max_rss_mb"] = round(max(rss)) if rss else ""
+        row["slurm_cpu_efficiency"] = round(sum(used) / allocated, 3) if used and allocated else ""
+        row["slurm_max_rss_mb"] = round(max(rss)) if rss else ""
     return rows, usage
 
 

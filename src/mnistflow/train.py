@@ -38,6 +38,7 @@ from .launch import relaunch
 from .resume import (
     Attempt,
     atomic_checkpoint_io,
+    host_name,
     is_first_process,
     keep_earlier_log,
     log_order,
@@ -174,9 +175,8 @@ def train(args, run: dict, geometry: Geometry, granted: dict, threads: int, iden
     last = ckpt_dir / "last.ckpt"
     log_dir = out / "logs"
     resume = usable_checkpoint(last, identity, log_dir)
-    if attempt:
-        attempt.begin()  # again: a set-aside takes the logs, with this attempt's line, along
-        attempt.update(resumed_from=str(resume) if resume else None)
+    if attempt:  # again: a set-aside takes the logs, with this attempt's line, along
+        attempt.begin(resumed_from=str(resume) if resume else None)
 
     pl.seed_everything(run["seed"], workers=True, verbose=False)
     data = MNISTDataModule(
@@ -261,9 +261,8 @@ def train(args, run: dict, geometry: Geometry, granted: dict, threads: int, iden
         return EXIT_PREEMPTED
     fit_s = time.perf_counter() - t0
 
-    me = f"{os.environ.get('SLURMD_NODENAME') or socket.gethostname()}/node{trainer.node_rank}/rank{trainer.global_rank}"
-    hosts = _gather(trainer, me)
-    threads_by_rank = _gather(trainer, torch.get_num_threads())
+    ranks = _gather(trainer, (f"{host_name()}/node{trainer.node_rank}/rank{trainer.global_rank}", torch.get_num_threads()))
+    hosts, threads_by_rank = [host for host, _ in ranks], [n for _, n in ranks]
     # save_checkpoint is collective: every rank calls it, rank 0 writes (atomically).
     trainer.save_checkpoint(out / "model.ckpt", weights_only=False)
     if attempt:
@@ -361,8 +360,7 @@ def cpu_model() -> str:
 
 
 def _gather(trainer, value) -> list:
-    """`value` from every rank, in rank order. Hosts are SLURMD_NODENAME where set: fake
-    Slurm nodes share one hostname."""
+    """`value` from every rank, in rank order."""
     if trainer.world_size == 1:
         return [value]
     import torch.distributed as dist
