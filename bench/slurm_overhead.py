@@ -31,7 +31,9 @@ SLURM_ARGS = [
     "--workflow-profile", "profiles/slurm",
     "--default-resources", "slurm_account=lab", "slurm_partition=debug",
     "--slurm-init-seconds-before-status-checks", str(POLLING["slurm-init-seconds-before-status-checks"]),
-    "--jobs", "4", "--set-threads", "train=2",
+    "--jobs", "4", "--set-threads", "train=2", "evaluate=1",
+    # the profile runs four evaluations in one job; two at 1 CPU, 1500 MB fit a test node
+    "--set-resources", "evaluate:mem_mb=1500",
 ]
 LOCAL_ARGS = ["--workflow-profile", "profiles/local", "--cores", "2"]
 

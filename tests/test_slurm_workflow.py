@@ -26,16 +26,23 @@ SLURM_ARGS = (
     "--slurm-init-seconds-before-status-checks", "1",
     "--slurm-keep-successful-logs",
     "--jobs", "4",
+    # The profile runs four evaluations in one job, asking the sum of their requests; two at
+    # 1 CPU and 1500 MB fit a 2-CPU, 4000 MB test node.
+    "--set-threads", "evaluate=1", "--set-resources", "evaluate:mem_mb=1500",
 )
 
 
+EVALUATIONS = "group_evaluate_evaluate"  # the plugin's log folder of the evaluate group's jobs
+
+
 def slurm_jobs(wf: Workflow) -> dict[str, list[int]]:
-    """{"rule/wildcards": [job ids]} from the plugin's logs: .snakemake/slurm_logs/rule_<rule>/[<wildcards>/]<id>.log"""
+    """{"rule/wildcards": [job ids]} from the plugin's logs: .snakemake/slurm_logs/rule_<rule>/[<wildcards>/]<id>.log,
+    group_<group>/<id>.log and, for an array's tasks, rule_<rule>/<array id>_<task>.log (the array id)."""
     base = wf.root / ".snakemake" / "slurm_logs"
     jobs: dict[str, list[int]] = {}
     for log in sorted(base.rglob("*.log")):
         rule_dir, *wildcards, name = log.relative_to(base).parts
-        jobs.setdefault("/".join([rule_dir.removeprefix("rule_"), *wildcards]), []).append(int(Path(name).stem))
+        jobs.setdefault("/".join([rule_dir.removeprefix("rule_"), *wildcards]), []).append(int(Path(name).stem.split("_")[0]))
     return jobs
 
 
@@ -57,7 +64,9 @@ def test_chain_completes_on_slurm(slurm_chain):
         assert metrics["accuracy"] > 0.93
     assert slurm_chain.path("results/summary/runs.md").exists()
     # Local rules (the download needs the internet; the others take under a second): no Slurm job for them.
-    assert set(slurm_chain.jobs) == {"train/single", "train_ddp/multinode", "evaluate/single", "evaluate/multinode"}, slurm_chain.jobs
+    # Both evaluations in one job (the profile's group-components).
+    assert set(slurm_chain.jobs) == {"train/single", "train_ddp/multinode", EVALUATIONS}, slurm_chain.jobs
+    assert len(slurm_chain.jobs[EVALUATIONS]) == 1
     for rule in ("environment", "download", "prepare", "summarize"):
         assert slurm_chain.path(f"results/logs/{rule}.log").exists(), rule
 
@@ -96,7 +105,8 @@ def test_each_rule_got_what_it_asked_for(slurm_cluster, slurm_chain):
         "train/single": (1, 1, 2, "MinMemoryNode", "4000M", "01:00:00", "gpu:1"),
         # .test/config: cpus_per_process 2 (the 2-CPU test nodes); mem_mb_per_process 4000 over them
         "train_ddp/multinode": (2, 2, 2, "MinMemoryCPU", "2000M", "01:00:00", "gpu:1"),
-        "evaluate/single": (1, 1, 2, "MinMemoryNode", "3000M", "00:15:00", None),
+        # two evaluations of 1 CPU and 1500 MB (SLURM_ARGS), side by side in one job
+        EVALUATIONS: (1, 1, 2, "MinMemoryNode", "3000M", "00:15:00", None),
     }
     for key, (nodes, tasks, cpus, mem_field, mem, limit, gres) in expected.items():
         jobid, job = _job(slurm_cluster, slurm_chain, key)
@@ -274,3 +284,59 @@ def test_cpus_and_memory_per_process_reach_slurm_and_the_ranks(slurm_cluster, tm
     record = json.loads(wf.path("results/runs/wide/train.json").read_text())
     assert record["threads_per_process"] == 2 and record["threads_by_rank"] == [2, 2], record
     assert "cpus_per_process" not in record["settings"]  # a grant, not a setting: changing it retrains nothing
+
+
+def test_sweep_trains_as_one_job_array_and_evaluates_in_shared_jobs(slurm_cluster, tmp_path_factory, mirror):
+    """A 6-point sweep with the profile's --slurm-array-jobs: one sbatch of a 6-task array for
+    the trainings; evaluations grouped two to a job (the test nodes hold two at 1 CPU each)."""
+    from mnistflow.config import expand_sweeps
+
+    wf = Workflow(copy_workflow(tmp_path_factory.mktemp("sweep-array")), [TEST_CONFIG])
+    wf.write_config("mirror.yaml", mirror.overlay())
+    sweep = {"sweeps": {"lr": {
+        "settings": {"model": "mlp", "nodes": 1, "devices": 1, "cpus_per_process": 1, "mem_mb_per_process": 1500},
+        "grid": {"lr": [0.002, 0.005, 0.01], "seed": [1, 2]},
+    }}, "dataset": {"train_limit": 1000, "val_size": 100}}
+    wf.write_config("extra.yaml", sweep)
+    runs = sorted(expand_sweeps(sweep))
+    assert len(runs) == 6
+    targets = [f"results/runs/{run}/eval/metrics.json" for run in runs]
+    # --jobs high enough for all six at once: Snakemake hands the plugin at most --jobs jobs
+    wf.snakemake(*targets, *SLURM_ARGS, "--jobs", "12", "--group-components", "evaluate=2", timeout=600)
+    for run in runs:
+        assert json.loads(wf.path(f"results/runs/{run}/eval/metrics.json").read_text())["accuracy"] > 0.5, run
+    records = {run: json.loads(wf.path(f"results/runs/{run}/train.json").read_text()) for run in runs}
+    train_jobs = {run: r["slurm_job_id"] for run, r in records.items()}
+    rows = slurm_cluster.sacct(list(train_jobs.values()), ["JobID", "JobIDRaw", "State"], allocations_only=True)
+    # an array's tasks show in sacct as <array job>_<task>, all of one array job
+    assert len(rows) == 6 and all(row["State"] == "COMPLETED" for row in rows), rows
+    arrays = {row["JobID"].split("_")[0] for row in rows}
+    assert len(arrays) == 1 and all(re.fullmatch(r"\d+_[1-6]", row["JobID"]) for row in rows), rows
+    tasks = {row["JobIDRaw"]: row["JobID"] for row in rows}
+    assert all(r["slurm_array_task"] == tasks[r["slurm_job_id"]] for r in records.values()), records
+    # evaluations: fewer Slurm jobs than runs, every one of them completed
+    eval_logs = list((wf.root / ".snakemake" / "slurm_logs").glob("group_evaluate*/**/*.log"))
+    eval_jobs = {int(log.stem) for log in eval_logs}
+    assert 1 <= len(eval_jobs) < len(runs), eval_logs
+    states = slurm_cluster.sacct(sorted(eval_jobs), ["JobID", "State", "AllocCPUS"], allocations_only=True)
+    assert all(row["State"] == "COMPLETED" for row in states), states
+
+
+def test_array_of_runs_that_ask_for_different_resources_is_refused_before_submission(slurm_cluster, tmp_path_factory, mirror):
+    """The plugin gives every task of an array the first job's request; of two runs that ask for
+    different memory, one would run with the other's grant. Refused, naming the runs."""
+    wf = Workflow(copy_workflow(tmp_path_factory.mktemp("mixed-array")), [TEST_CONFIG])
+    wf.write_config("mirror.yaml", mirror.overlay())
+    run = {"model": "mlp", "nodes": 1, "devices": 1}
+    wf.write_config("extra.yaml", {"runs": {"small": {**run, "mem_mb_per_process": 1000}, "large": {**run, "mem_mb_per_process": 2000}}})
+    jobs_before = slurm_cluster.run(["sacct", "-X", "-n", "-a", "-o", "JobID"], timeout=10).stdout.split()
+    targets = ["results/runs/small/train.json", "results/runs/large/train.json"]
+    result = wf.snakemake(*targets, *SLURM_ARGS, check=False, timeout=120)
+    out = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert ("--slurm-array-jobs: the train jobs to submit ask Slurm for different mem_mb "
+            "(large; small)") in out, out[-3000:]
+    assert "--slurm-array-jobs=none" in out and "Nothing was submitted" in out
+    assert slurm_cluster.run(["sacct", "-X", "-n", "-a", "-o", "JobID"], timeout=10).stdout.split() == jobs_before
+    # and the fix the message names submits them one by one
+    wf.snakemake(*targets, *SLURM_ARGS, "--slurm-array-jobs=none", "--dry-run", timeout=120)

@@ -69,6 +69,13 @@ def identity_digest(identity: dict) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def slurm_array_task() -> str | None:
+    """`<array job>_<task>` as squeue and sacct show a job array's task; None outside an array.
+    (SLURM_JOB_ID is the task's own id, which sacct -j also takes.)"""
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    return f"{array}_{task}" if array and task else None
+
+
 class Attempt:
     """One attempt at a run, on record in <out>/logs/attempts.jsonl from its start to its end.
 
@@ -89,6 +96,7 @@ class Attempt:
             "outcome": None,
             "identity": identity_digest(identity),
             "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+            "slurm_array_task": slurm_array_task(),
             "host": host_name(),
             "resumed_from": None,
         }

@@ -46,6 +46,7 @@ from .resume import (
     resume_state_callback,
     retire_resume_state,
     run_identity,
+    slurm_array_task,
     usable_checkpoint,
 )
 
@@ -294,6 +295,7 @@ def train(args, run: dict, geometry: Geometry, granted: dict, threads: int, iden
             "started": attempts[0]["started"],
             "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+            "slurm_array_task": slurm_array_task(),
             "provenance": provenance(args.env_record, identity),
             "attempts": attempts,
         }

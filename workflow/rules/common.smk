@@ -104,6 +104,58 @@ def refuse_runs_no_partition_holds(jobs):
             )
 
 
+# Snakemake's other spellings of mem_mb and disk_mb, and the job's temporary folder.
+SNAKEMAKE_DERIVED_RESOURCES = {"mem", "mem_mib", "disk", "disk_mib", "tmpdir"}
+
+
+def refuse_arrays_of_mixed_requests(jobs):
+    """Before a Slurm run submits anything: each rule sent as a job array (--slurm-array-jobs)
+    has one request for all its jobs.
+
+    The plugin (2.8.0) submits a rule's ready jobs as one array with the first job's
+    request, so a 2-node run in an array led by a 1-node run would get one node. Runs of
+    one geometry and grant (a sweep of hyperparameters) share a request; runs of different
+    requests in one rule do not.
+    """
+    if workflow.executor_plugin is None or workflow.executor_plugin.name != "slurm":
+        return
+    selected = getattr(workflow.executor_settings, "array_jobs", None) or ""
+    selected = {name.strip() for name in selected.replace(";", ",").split(",")}
+    requests = {}
+    for job in jobs:
+        if (
+            job.is_local
+            or job.group is not None
+            or not ({"all", job.rule.name} & selected)
+        ):
+            continue
+        request = tuple(
+            sorted(
+                (k, str(v))
+                for k, v in job.resources.items()
+                if k not in SNAKEMAKE_DERIVED_RESOURCES
+            )
+        )
+        requests.setdefault(job.rule.name, {}).setdefault(request, []).append(
+            job.wildcards.get("run", str(job))
+        )
+    for rule, by_request in requests.items():
+        if len(by_request) > 1:
+            asked = [dict(request) for request in by_request]
+            keys = sorted(
+                k for k in set().union(*asked) if len({a.get(k) for a in asked}) > 1
+            )
+            groups = "; ".join(
+                sorted(", ".join(sorted(r)) for r in by_request.values())
+            )
+            raise WorkflowError(
+                f"--slurm-array-jobs: the {rule} jobs to submit ask Slurm for different"
+                f" {', '.join(keys)} ({groups}), and the plugin gives every job of an array the"
+                " first job's request. Submit them separately (--slurm-array-jobs=none),"
+                " or one request at a time (targets of one geometry). Nothing was submitted."
+            )
+
+
 PREEMPTION_SIGNAL = "--signal=USR1@90"
 
 

@@ -37,6 +37,7 @@ TRAIN_RUNTIME = dict(
 
 onstart:
     refuse_runs_no_partition_holds(workflow.dag.needrun_jobs())
+    refuse_arrays_of_mixed_requests(workflow.dag.needrun_jobs())
 
 
 rule train:
