@@ -287,39 +287,47 @@ def test_cpus_and_memory_per_process_reach_slurm_and_the_ranks(slurm_cluster, tm
 
 
 def test_sweep_trains_as_one_job_array_and_evaluates_in_shared_jobs(slurm_cluster, tmp_path_factory, mirror):
-    """A 6-point sweep with the profile's --slurm-array-jobs: one sbatch of a 6-task array for
-    the trainings; evaluations grouped two to a job (the test nodes hold two at 1 CPU each)."""
-    from mnistflow.config import expand_sweeps
+    """The whole workflow with a 6-point sweep, under the profile's --slurm-array-jobs: the
+    runs of rule train (the sweep and `single`, one request) are one array, every run is
+    evaluated in jobs shared two at a time (two 1-CPU evaluations fill a test node), and the
+    summary finds each array task in sacct."""
+    from mnistflow.config import resolve_runs
 
     wf = Workflow(copy_workflow(tmp_path_factory.mktemp("sweep-array")), [TEST_CONFIG])
     wf.write_config("mirror.yaml", mirror.overlay())
-    sweep = {"sweeps": {"lr": {
-        "settings": {"model": "mlp", "nodes": 1, "devices": 1, "cpus_per_process": 1, "mem_mb_per_process": 1500},
-        "grid": {"lr": [0.002, 0.005, 0.01], "seed": [1, 2]},
-    }}, "dataset": {"train_limit": 1000, "val_size": 100}}
+    sweep = {
+        # 1 CPU and 1500 MB a process for every run: two trainings side by side on a test node
+        "train": {"cpus_per_process": 1, "mem_mb_per_process": 1500},
+        "sweeps": {"lr": {"settings": {"model": "mlp"}, "grid": {"lr": [0.002, 0.005, 0.01], "seed": [1, 2]}}},
+        "dataset": {"train_limit": 1000, "val_size": 100},
+    }
     wf.write_config("extra.yaml", sweep)
-    runs = sorted(expand_sweeps(sweep))
-    assert len(runs) == 6
-    targets = [f"results/runs/{run}/eval/metrics.json" for run in runs]
-    # --jobs high enough for all six at once: Snakemake hands the plugin at most --jobs jobs
-    wf.snakemake(*targets, *SLURM_ARGS, "--jobs", "12", "--group-components", "evaluate=2", timeout=600)
+    swept = sorted(resolve_runs({"train": {}, **sweep}))
+    runs = swept + ["single", "multinode"]
+    assert len(swept) == 6
+    # --jobs high enough for all at once: Snakemake hands the plugin at most --jobs jobs
+    wf.snakemake(*SLURM_ARGS, "--jobs", "12", "--group-components", "evaluate=2", timeout=600)
     for run in runs:
-        assert json.loads(wf.path(f"results/runs/{run}/eval/metrics.json").read_text())["accuracy"] > 0.5, run
+        assert json.loads(wf.path(f"results/runs/{run}/eval/metrics.json").read_text())["accuracy"] > 0.3, run  # chance: 0.1
     records = {run: json.loads(wf.path(f"results/runs/{run}/train.json").read_text()) for run in runs}
-    train_jobs = {run: r["slurm_job_id"] for run, r in records.items()}
+    train_jobs = {run: r["slurm_job_id"] for run, r in records.items() if run != "multinode"}
     rows = slurm_cluster.sacct(list(train_jobs.values()), ["JobID", "JobIDRaw", "State"], allocations_only=True)
     # an array's tasks show in sacct as <array job>_<task>, all of one array job
-    assert len(rows) == 6 and all(row["State"] == "COMPLETED" for row in rows), rows
+    assert len(rows) == 7 and all(row["State"] == "COMPLETED" for row in rows), rows
     arrays = {row["JobID"].split("_")[0] for row in rows}
-    assert len(arrays) == 1 and all(re.fullmatch(r"\d+_[1-6]", row["JobID"]) for row in rows), rows
+    assert len(arrays) == 1 and all(re.fullmatch(r"\d+_[1-7]", row["JobID"]) for row in rows), rows
     tasks = {row["JobIDRaw"]: row["JobID"] for row in rows}
-    assert all(r["slurm_array_task"] == tasks[r["slurm_job_id"]] for r in records.values()), records
+    assert {run: records[run]["slurm_array_task"] for run in train_jobs} == {run: tasks[j] for run, j in train_jobs.items()}
+    assert records["multinode"]["slurm_array_task"] is None  # the only train_ddp job: not an array
+    with open(wf.path("results/summary/slurm_usage.csv")) as fh:
+        usage = {row["run"]: row for row in csv.DictReader(fh)}
+    assert {run: (u["job"], u["array_task"], u["state"]) for run, u in usage.items() if run in train_jobs} == {
+        run: (job, tasks[job], "COMPLETED") for run, job in train_jobs.items()}, usage
     # evaluations: fewer Slurm jobs than runs, every one of them completed
-    eval_logs = list((wf.root / ".snakemake" / "slurm_logs").glob("group_evaluate*/**/*.log"))
-    eval_jobs = {int(log.stem) for log in eval_logs}
-    assert 1 <= len(eval_jobs) < len(runs), eval_logs
-    states = slurm_cluster.sacct(sorted(eval_jobs), ["JobID", "State", "AllocCPUS"], allocations_only=True)
-    assert all(row["State"] == "COMPLETED" for row in states), states
+    eval_jobs = slurm_jobs(wf)[EVALUATIONS]
+    assert len(eval_jobs) == 4 < len(runs), eval_jobs
+    states = slurm_cluster.sacct(eval_jobs, ["JobID", "State", "AllocCPUS"], allocations_only=True)
+    assert [row["State"] for row in states] == ["COMPLETED"] * 4, states
 
 
 def test_array_of_runs_that_ask_for_different_resources_is_refused_before_submission(slurm_cluster, tmp_path_factory, mirror):

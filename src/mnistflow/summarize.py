@@ -25,9 +25,9 @@ from .cli import run_and_exit
 COLUMNS = ("run", "model", "nodes", "devices", "world_size", "epochs", "batch_size", "lr",
            "test_accuracy", "test_loss", "train_s", "samples_per_s", "hosts",
            "slurm_cpu_efficiency", "slurm_max_rss_mb")
-USAGE_COLUMNS = ("run", "job", "state", "nodes", "cpus", "wall_s", "time_limit_s", "cpu_s_allocated",
+USAGE_COLUMNS = ("run", "job", "array_task", "state", "nodes", "cpus", "wall_s", "time_limit_s", "cpu_s_allocated",
                  "cpu_s_used", "cpu_efficiency", "mem_requested_mb", "max_rss_mb")
-SACCT_FIELDS = ("JobID", "State", "NNodes", "NCPUS", "Elapsed", "Timelimit", "TotalCPU", "ReqMem", "MaxRSS")
+SACCT_FIELDS = ("JobIDRaw", "JobID", "State", "NNodes", "NCPUS", "Elapsed", "Timelimit", "TotalCPU", "ReqMem", "MaxRSS")
 
 
 def seconds(text: str) -> float | None:
@@ -60,14 +60,16 @@ def slurm_usage(job_ids) -> list[dict]:
     jobs: dict[str, dict] = {}
     for line in out.splitlines():
         row = dict(zip(SACCT_FIELDS, line.split("|")))
-        job, _, step = row["JobID"].partition(".")
+        # JobIDRaw: the job's own id, which the records hold (an array task's JobID is 1234_7)
+        job, _, step = row["JobIDRaw"].partition(".")
         if not step:  # the allocation: its grant, wall time and (all steps') CPU time
             wall = seconds(row["Elapsed"]) or 0.0
             cpus = int(row["NCPUS"] or 0)
             used = seconds(row["TotalCPU"])
             mem = megabytes(row["ReqMem"])
             per = {"c": cpus, "n": int(row["NNodes"] or 1)}.get(row["ReqMem"].strip()[-1:], 1)  # 4000Mc: per CPU
-            jobs[job] = {"job": job, "state": row["State"].split()[0], "nodes": int(row["NNodes"] or 0), "cpus": cpus,
+            array_task = row["JobID"] if "_" in row["JobID"] else ""
+            jobs[job] = {"job": job, "array_task": array_task, "state": row["State"].split()[0], "nodes": int(row["NNodes"] or 0), "cpus": cpus,
                          "wall_s": wall, "time_limit_s": seconds(row["Timelimit"]), "cpu_s_allocated": cpus * wall,
                          "cpu_s_used": used, "mem_requested_mb": mem * per if mem is not None else None, "max_rss_mb": None}
         elif job in jobs:  # a step (batch, 0, 1, ...): the most memory one of its tasks held
