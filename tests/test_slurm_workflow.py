@@ -174,9 +174,10 @@ INTERRUPTIONS = {
 SINGLE, DDP = {"nodes": 1, "devices": 1}, {"nodes": 2, "devices": 1}
 
 
+# SIGTERM in one process: at a real time limit, in the test after this one.
 @pytest.mark.parametrize("interruption, geometry", [
-    ("usr1", SINGLE), ("term", SINGLE), ("usr1", DDP), ("term", DDP), ("requeue", SINGLE),
-], ids=["usr1-single", "term-single", "usr1-ddp", "term-ddp", "requeue-single"])
+    ("usr1", SINGLE), ("usr1", DDP), ("term", DDP), ("requeue", SINGLE),
+], ids=["usr1-single", "usr1-ddp", "term-ddp", "requeue-single"])
 def test_interrupted_training_resumes_to_the_uninterrupted_weights(slurm_cluster, tmp_path_factory, mirror, interruption, geometry):
     """A signal or a requeue mid-run: every rank saves a mid-epoch checkpoint and stops, the
     retry (or the requeued job) resumes at the next batch, and the run ends with the weights of
@@ -226,6 +227,34 @@ def test_interrupted_training_resumes_to_the_uninterrupted_weights(slurm_cluster
         name = {"usr1": "SIGUSR1", "term": "SIGTERM"}[interruption]
         assert attempts[0]["outcome"].startswith(f"preempted: {name} received; stopped after saving epoch"), attempts
         assert len(slurm_jobs(wf)["train/long" if geometry == SINGLE else "train_ddp/long"]) == 2, slurm_jobs(wf)
+
+
+def test_training_past_its_time_limit_saves_at_slurms_sigterm_and_resumes(slurm_cluster, tmp_path_factory, mirror):
+    """A real time limit: a 1-minute job (and no USR1 warning) for about 100 s of training.
+    Slurm ends the job with SIGTERM (then SIGKILL after KillWait, 5 s here); the rank saves at
+    once, the job ends TIMEOUT, and Snakemake's retry resumes and trains every step once."""
+    wf = Workflow(copy_workflow(tmp_path_factory.mktemp("time-limit")), [TEST_CONFIG])
+    wf.write_config("mirror.yaml", mirror.overlay())
+    wf.write_config("extra.yaml", {"runs": {"long": {"model": "cnn", "epochs": 16, **SINGLE}}})
+    wf.snakemake("results/runs/long/train.json", *SLURM_ARGS, "--set-resources", "train:runtime=1", "train:slurm_extra=''",
+                 timeout=600)
+    record = json.loads(wf.path("results/runs/long/train.json").read_text())
+    attempts = record["attempts"]
+    assert attempts[0]["outcome"].startswith("preempted: SIGTERM received"), attempts
+    assert attempts[-1]["outcome"] == "finished" and len(attempts) >= 2, attempts
+    states = {a["slurm_job_id"]: slurm_cluster.sacct(a["slurm_job_id"], ["JobID", "State", "Timelimit"], allocations_only=True)[0]
+              for a in attempts}
+    first = states[attempts[0]["slurm_job_id"]]
+    assert first["State"] == "TIMEOUT" and first["Timelimit"] == "00:01:00", states
+    # every batch of every epoch once, over the attempts
+    steps_per_epoch = -(-(8000 - 500) // 128)  # .test data: 8,000 training images, 500 held out; batch 128
+    assert record["epochs"] == 16 and record["global_step"] == 16 * steps_per_epoch, record
+    assert sum(a["steps_trained"] for a in attempts) == record["global_step"], attempts
+    with open(wf.path("results/runs/long/metrics.csv")) as fh:
+        rows = list(csv.DictReader(fh))
+    assert [int(float(r["epoch"])) for r in rows if r.get("val_acc")] == list(range(16))
+    logged = [int(r["step"]) for r in rows if r.get("train_loss_step")]
+    assert logged == sorted(set(logged)), "a step was logged twice"
 
 
 def test_geometry_no_node_of_the_partition_holds_is_refused_before_submission(slurm_cluster, tmp_path_factory, mirror):
