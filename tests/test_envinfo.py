@@ -11,7 +11,7 @@ from tests.conftest import REPO
 
 def test_record_names_the_packages_training_imports_and_only_those():
     record = envinfo.record()
-    assert set(record["packages"]) == {"numpy", "pytorch-lightning", "torch"}, record["packages"]
+    assert set(record["packages"]) == {"numpy", "pytorch-lightning", "torch", "torchmetrics"}, record["packages"]
     assert all(record["packages"].values())
     assert record["python"].count(".") == 2 and record["cpu_count"] >= 1
 

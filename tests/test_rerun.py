@@ -5,6 +5,7 @@ the same weights as an uninterrupted run, bit for bit, in one process and under 
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import math
@@ -69,6 +70,21 @@ def same_weights(a: dict, b: dict) -> bool:
 
 def record(wf: Workflow, run: str) -> dict:
     return json.loads(wf.path(f"results/runs/{run}/train.json").read_text())
+
+
+def tensorboard_scalars(wf: Workflow, run: str, tag: str) -> list[tuple[int, float]]:
+    """(step, value) of one scalar, as TensorBoard shows the run's finished logs: its own
+    reader, which drops what an attempt logged past the checkpoint the next one resumed from."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(wf.path(f"results/runs/{run}/logs.finished")))
+    events.Reload()
+    return [(e.step, e.value) for e in events.Scalars(tag)]
+
+
+def csv_scalars(wf: Workflow, run: str, column: str) -> list[tuple[int, float]]:
+    with open(wf.path(f"results/runs/{run}/metrics.csv")) as fh:
+        return [(int(row["step"]), float(row[column])) for row in csv.DictReader(fh) if row.get(column)]
 
 
 def code_digest_in(wf: Workflow) -> str:
@@ -343,3 +359,15 @@ def test_interrupted_mid_epoch_resumes_to_the_weights_of_an_uninterrupted_run(co
     assert killed["train_samples"] == straight["train_samples"]
     assert killed["world_size"] == straight["world_size"] == geometry["nodes"] * geometry["devices"]
     assert same_weights(weights(copy, "killed"), weights(copy, "straight")), "the resumed run ended elsewhere"
+    # TensorBoard: both attempts wrote into one run (logs/, then logs.finished/), which shows
+    # the uninterrupted run's curves, each step once, as the merged metrics.csv has them. (The
+    # epoch's mean loss over a mid-epoch resume under DDP adds the same terms in another order.)
+    assert len(list(copy.path("results/runs/killed/logs.finished").glob("events.out.tfevents.*"))) == 2
+    for tag in ("train_loss_step", "train_loss_epoch", "val_loss", "val_acc"):
+        shown, straight_shown = tensorboard_scalars(copy, "killed", tag), tensorboard_scalars(copy, "straight", tag)
+        logged = csv_scalars(copy, "killed", tag)
+        steps = [step for step, _ in shown]
+        assert steps == sorted(set(steps)) == [s for s, _ in straight_shown] == [s for s, _ in logged], (tag, shown)
+        values = [value for _, value in shown]
+        assert values == pytest.approx([v for _, v in straight_shown], rel=1e-6, abs=0), (tag, shown, straight_shown)
+        assert values == pytest.approx([v for _, v in logged], rel=1e-6, abs=0), tag

@@ -21,10 +21,10 @@ def train_npz(mirror, tmp_path_factory):
     return out / "train.npz"
 
 
-def train(train_npz, out, env_extra=None, **settings):
+def train(train_npz, out, env_extra=None, args=(), **settings):
     run = {**RECIPE, "name": "t", **settings}
     cmd = [sys.executable, "-m", "mnistflow.train", "--run", "t", "--params", json.dumps(run),
-           "--train-data", str(train_npz), "--out", str(out), "--val-size", "200", "--train-limit", "1200", "--threads", "2"]
+           "--train-data", str(train_npz), "--out", str(out), "--val-size", "200", "--train-limit", "1200", "--threads", "2", *args]
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), **(env_extra or {})}
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
 
@@ -68,3 +68,18 @@ def test_multinode_run_started_as_one_process_in_a_wrong_allocation_fails_fast(t
     result = train(train_npz, tmp_path / "w", env_extra=env, nodes=2)
     assert result.returncode == 2
     assert "SLURM_NNODES=1 but nodes=2" in result.stderr and "the run asked for 2 node(s)" in result.stderr
+
+
+def test_progress_within_long_epochs_every_interval(train_npz, tmp_path):
+    """--progress-every-s (the progress_every_s resource): lines within an epoch too, with the
+    batch, the step's loss and the time left; only the CSV logger when TensorBoard is not asked for."""
+    import re
+
+    result = train(train_npz, tmp_path, args=("--progress-every-s", "0.05", "--loggers", "csv"), epochs=2, model="cnn")
+    assert result.returncode == 0, result.stderr[-3000:]
+    within = re.findall(r"epoch ([12])/2 batch (\d+)/8 \(step (\d+)\): train_loss [\d.]+; \d+ samples/s; "
+                        r"elapsed \d+:\d\d:\d\d, about \d+:\d\d:\d\d left", result.stderr)
+    assert within and {epoch for epoch, _, _ in within} == {"1", "2"}, result.stderr[-3000:]
+    assert all(int(step) == (int(epoch) - 1) * 8 + int(batch) for epoch, batch, step in within)
+    assert len(re.findall(r"epoch [12]/2 done", result.stderr)) == 2
+    assert not list(tmp_path.rglob("events.out.tfevents.*"))

@@ -10,6 +10,7 @@ from tests.conftest import REPO, SNAKEMAKE, VENV_BIN
 
 pytestmark = pytest.mark.workflow
 
+EPOCHS = {"single": 1, "multinode": 2}
 RULES = ["environment", "download", "prepare", "train", "train_ddp", "evaluate", "summarize", "all"]
 
 
@@ -20,6 +21,7 @@ def chain(tmp_path_factory, mirror, slurm_controller):
 
     wf = Workflow(copy_workflow(tmp_path_factory.mktemp("chain")), [".test/config/config.yaml"])
     wf.write_config("mirror.yaml", mirror.overlay())
+    wf.write_config("epochs.yaml", {"runs": {"multinode": {"epochs": EPOCHS["multinode"]}}})
     plan = wf.snakemake("--dry-run", "--cores", "2")
     wf.snakemake("--cores", "2")
     wf.snakemake("--report", "results/report.zip")
@@ -54,7 +56,7 @@ def test_data_verified_and_prepared(chain, mirror):
 def test_runs_trained_and_evaluated(chain, run):
     record = json.loads(chain.path(f"results/runs/{run}/train.json").read_text())
     metrics = json.loads(chain.path(f"results/runs/{run}/eval/metrics.json").read_text())
-    assert record["epochs"] == 1 and record["samples_per_s"] > 0
+    assert record["epochs"] == EPOCHS[run] and record["samples_per_s"] > 0
     # the examples CNN, one epoch on 7,500 real digits, tested on 2,000 others
     assert 0.93 < metrics["accuracy"] <= 1.0, metrics["accuracy"]
     assert 0 < metrics["loss"] < 0.4
@@ -75,6 +77,33 @@ def test_multinode_run_really_ran_ddp_across_node_processes(chain):
     assert node_ranks == {"node0", "node1"}
     log = chain.path("results/logs/train/multinode.log").read_text()
     assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in log
+
+
+def test_training_log_shows_each_epochs_progress_and_no_noise(chain):
+    """The 2-epoch DDP run's log (what `tail -f` shows): rank 0's line for each epoch, with the
+    figures metrics.csv has for it; none of the lines that are not the user's to act on."""
+    import csv
+    import re
+
+    log = chain.path("results/logs/train/multinode.log").read_text()
+    lines = re.findall(r"epoch (\d+)/2 done \(step (\d+)\): train_loss ([\d.]+), val_loss ([\d.]+), val_acc ([\d.]+); "
+                       r"(\d+) samples/s; elapsed (\d+:\d\d:\d\d), about (\d+:\d\d:\d\d) left", log)
+    assert [line[0] for line in lines] == ["1", "2"], log[-3000:]
+    epochs: dict = {}  # the CSV has the epoch's training loss and its validation in two rows
+    with open(chain.path("results/runs/multinode/metrics.csv")) as fh:
+        for row in csv.DictReader(fh):
+            if row["train_loss_epoch"] or row["val_acc"]:
+                epochs.setdefault(row["epoch"], {}).update({k: v for k, v in row.items() if v})
+    for (_, steps, train_loss, val_loss, val_acc, rate, _, _), row in zip(lines, epochs.values(), strict=True):
+        assert int(steps) == int(row["step"]) + 1  # steps done; the CSV numbers the last one from 0
+        assert (train_loss, val_loss, val_acc) == tuple(f"{float(row[k]):.4f}" for k in ("train_loss_epoch", "val_loss", "val_acc"))
+        assert int(rate) > 0
+    assert lines[-1][-1] == "0:00:00"
+    for noise in ("💡 Tip", "The `srun` command is available", "is deprecated", "exists and is not empty"):
+        assert noise not in log, noise
+    # TensorBoard's event files beside the CSV log: `tensorboard --logdir results/runs`
+    for run in EPOCHS:
+        assert list(chain.path(f"results/runs/{run}/logs.finished").glob("events.out.tfevents.*")), run
 
 
 def test_summary_compares_runs(chain):

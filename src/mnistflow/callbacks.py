@@ -1,9 +1,12 @@
-"""Callbacks of the training run: saving and stopping on Slurm's signals, and throughput."""
+"""Callbacks of the training run: saving and stopping on Slurm's signals, throughput, progress."""
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import time
+
+from .resume import synced_running_metrics
 
 log = logging.getLogger("mnistflow.train")
 
@@ -86,7 +89,8 @@ def make_save_and_stop_callback(signals: StopSignals, last, every_s: float, agre
             stop, due = self._agree(trainer, signals.received is not None, due)
             if not (stop or due):
                 return
-            trainer.save_checkpoint(last)
+            with synced_running_metrics(trainer, pl_module):
+                trainer.save_checkpoint(last)
             self._saved_at = time.monotonic()
             if stop:
                 where = f"epoch {trainer.current_epoch}, step {trainer.global_step}"
@@ -141,3 +145,47 @@ def make_throughput_callback():
             self.samples += len(batch[1])
 
     return Throughput()
+
+
+def _clock(seconds: float) -> str:
+    return str(dt.timedelta(seconds=round(seconds)))
+
+
+def make_progress_callback(throughput, every_s: float):
+    """Rank 0's progress in the job's log: a line at each epoch's end, and every `every_s`
+    seconds within an epoch (0: epoch ends only), so `tail -f` of a job's log shows where a
+    run is and how long it has left. The figures are those metrics.csv records; samples/s is
+    over every process since the run's first epoch (the throughput callback's counts)."""
+    import pytorch_lightning as pl
+
+    class Progress(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            self._started = self._said = time.monotonic()
+            self._first_step = trainer.global_step
+            self._total_steps = trainer.max_epochs * trainer.num_training_batches
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if every_s <= 0 or not trainer.is_global_zero or time.monotonic() - self._said < every_s:
+                return
+            loss = trainer.callback_metrics.get("train_loss_step")
+            where = f"batch {batch_idx + 1}/{trainer.num_training_batches}"
+            self._say(trainer, where, f"train_loss {float(loss):.4f}" if loss is not None else "")
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            if not trainer.is_global_zero:
+                return
+            metrics = trainer.callback_metrics
+            scores = ", ".join(f"{name.removesuffix('_epoch')} {float(metrics[name]):.4f}"
+                               for name in ("train_loss_epoch", "val_loss", "val_acc") if name in metrics)
+            self._say(trainer, "done", scores)
+
+        def _say(self, trainer, where: str, scores: str) -> None:
+            now = time.monotonic()
+            self._said = now
+            elapsed, done = now - self._started, trainer.global_step - self._first_step
+            left = f", about {_clock(elapsed / done * (self._total_steps - trainer.global_step))} left" if done else ""
+            rate = throughput.samples * trainer.world_size / throughput.seconds if throughput.seconds else 0.0
+            log.info("epoch %d/%d %s (step %d): %s; %.0f samples/s; elapsed %s%s", trainer.current_epoch + 1,
+                     trainer.max_epochs, where, trainer.global_step, scores, rate, _clock(elapsed), left)
+
+    return Progress()

@@ -46,10 +46,12 @@ RECIPE = {
 # Slurm's --cpus-per-task follow them) and memory. A GPU rank with one CPU starves, so 4; on a
 # machine with fewer cores Snakemake gives a local job what there is. They decide the
 # request, not what is trained: they are not among the training rule's params, and changing
-# them reruns nothing.
+# them reruns nothing. So are the loggers: the CSV log (which evaluation and the summary
+# read) and TensorBoard's event files beside it.
 RUNTIME = {
     "cpus_per_process": 4,
     "mem_mb_per_process": 4000,
+    "loggers": ["csv", "tensorboard"],
 }
 
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")

@@ -38,8 +38,9 @@ def load_model(path: str | Path):
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     hparams = checkpoint["hyper_parameters"]
     network = NETWORKS[hparams["model"]](hparams.get("num_classes", 10))
-    # The LightningModule holds the network as `self.net`.
-    network.load_state_dict({k.removeprefix("net."): v for k, v in checkpoint["state_dict"].items()})
+    # The LightningModule holds the network as `self.net` (beside it, the training loss's
+    # running mean).
+    network.load_state_dict({k.removeprefix("net."): v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")})
     return network.eval()
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import pytorch_lightning as pl
 from torch.nn import functional as F
+from torchmetrics import MeanMetric
 
 from .networks import NETWORKS
 
@@ -27,6 +28,10 @@ class MNISTClassifier(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.net = NETWORKS[model](num_classes)
+        # The epoch's mean training loss, kept in the module's state so that it travels in a
+        # mid-epoch checkpoint: a resumed epoch's mean covers every batch of the epoch.
+        self.train_loss_mean = MeanMetric()
+        self.train_loss_mean.persistent(True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -34,10 +39,11 @@ class MNISTClassifier(pl.LightningModule):
     def training_step(self, batch, batch_idx):
         x, y = batch
         loss = F.cross_entropy(self(x), y)
-        # The step value is this process's; only the epoch mean is averaged over processes,
-        # since a collective every step would stall DDP on a small network.
+        # The step value is this process's; only the epoch mean is averaged over processes (by
+        # torchmetrics, at the epoch's end), since a collective every step would stall DDP.
         self.log("train_loss_step", loss, on_step=True, on_epoch=False, batch_size=len(y))
-        self.log("train_loss_epoch", loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=len(y))
+        self.train_loss_mean.update(loss.detach(), weight=len(y))
+        self.log("train_loss_epoch", self.train_loss_mean, on_step=False, on_epoch=True)
         return loss
 
     def validation_step(self, batch, batch_idx):

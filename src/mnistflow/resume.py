@@ -13,6 +13,7 @@ logs are kept and merged; each attempt is on record in attempts.jsonl.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -147,6 +148,23 @@ def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
+def running_metrics(module) -> list:
+    from torchmetrics import Metric
+
+    return [m for m in module.modules() if isinstance(m, Metric)]
+
+
+@contextlib.contextmanager
+def synced_running_metrics(trainer, module):
+    """While a mid-epoch checkpoint is saved under DDP: each running metric holds the sums of
+    every rank (one collective each, on every rank), as rank 0 writes them; then its own again."""
+    with contextlib.ExitStack() as stack:
+        if trainer.world_size > 1:
+            for metric in running_metrics(module):
+                stack.enter_context(metric.sync_context(should_unsync=True))
+        yield
+
+
 def resume_state_callback(identity: dict, attempt: int | None):
     """The callback that makes a resume exact and traceable.
 
@@ -192,6 +210,13 @@ def resume_state_callback(identity: dict, attempt: int | None):
             if self._loader_state and hasattr(loader, "load_state_dict"):
                 loader.load_state_dict(self._loader_state[0])
             self._loader_state = None
+            # The epoch's running metrics (the mean training loss) in the checkpoint: at an
+            # epoch's end, those of the finished epoch (ModelCheckpoint saves before Lightning
+            # resets them); mid-epoch, the sums over every rank (synced_running_metrics), which
+            # rank 0 carries on from.
+            if self.resumed_from and (not self.resumed_from["mid_epoch"] or trainer.global_rank != 0):
+                for metric in running_metrics(pl_module):
+                    metric.reset()
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             if self._rng is not None:

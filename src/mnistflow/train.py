@@ -31,7 +31,13 @@ import warnings
 from pathlib import Path
 from typing import Sequence
 
-from .callbacks import Preempted, StopSignals, make_save_and_stop_callback, make_throughput_callback
+from .callbacks import (
+    Preempted,
+    StopSignals,
+    make_progress_callback,
+    make_save_and_stop_callback,
+    make_throughput_callback,
+)
 from .cli import run_and_exit
 from .geometry import Geometry, GeometryError
 from .launch import relaunch
@@ -80,6 +86,9 @@ def parse_args(argv: Sequence[str] | None):
     p.add_argument("--preempt-signal", default="SIGUSR1", help="the signal Slurm sends before the time limit (sbatch --signal); SIGTERM is handled too")
     p.add_argument("--checkpoint-every-s", type=float, default=0.0,
                    help="also save last.ckpt mid-epoch every this many seconds (0: at epoch ends only)")
+    p.add_argument("--progress-every-s", type=float, default=0.0,
+                   help="also log progress mid-epoch every this many seconds (0: at epoch ends only)")
+    p.add_argument("--loggers", default="csv", help="comma-separated: csv (always), tensorboard")
     return p.parse_args(argv)
 
 
@@ -109,7 +118,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("%s", err)
         return 2
     os.environ["OMP_NUM_THREADS"] = str(threads)
-    _choose_gloo_interface()
+    if geometry.distributed:
+        _choose_gloo_interface()
     signals = StopSignals((args.preempt_signal, "SIGTERM"))
     signals.install()  # from here on a stop signal is remembered, not fatal
     identity = run_identity(run, args.train_data, args.val_size, args.train_limit)
@@ -143,6 +153,30 @@ def _record_failure(attempt: Attempt | None, err: BaseException) -> None:
         pass  # the disk is full: the line stays as started, never ended
 
 
+class _NotAdvertisements(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("💡 Tip:")
+
+
+def quiet_known_noise() -> None:
+    """Lines in the job's log that are not the user's to act on, each silenced by its message."""
+    # Lightning's advertisements for its cloud loggers and model registry.
+    logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_NotAdvertisements())
+    for message in (
+        # The CSV logger warns that it will delete "previous log files" whenever logs/ holds
+        # any file; it deletes only metrics.csv, which keep_earlier_log has kept.
+        r"Experiment logs directory .* exists and is not empty",
+        # ModelCheckpoint, when a resumed run's checkpoints/ holds the last.ckpt it resumes from.
+        r"Checkpoint directory .* exists and is not empty",
+        # Outside Slurm's srun (a local run on a host with Slurm's client tools); the
+        # workflow's launcher starts srun itself where the geometry asks for it.
+        r"The `srun` command is available on your system but is not used",
+        # Lightning 2.6's own use of a torch 2.14 deprecation (lightning.pytorch.utilities._pytree).
+        r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+    ):
+        warnings.filterwarnings("ignore", message=message)
+
+
 def _choose_gloo_interface() -> None:
     """Gloo binds to the address its host name resolves to; when that is loopback (fake or
     badly configured nodes), say so and use `lo` rather than fail to connect."""
@@ -163,7 +197,7 @@ def train(args, run: dict, geometry: Geometry, granted: dict, threads: int, iden
     import torch
     import pytorch_lightning as pl
     from pytorch_lightning.callbacks import ModelCheckpoint
-    from pytorch_lightning.loggers import CSVLogger
+    from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
     from pytorch_lightning.utilities.exceptions import SIGTERMException
 
     from .atomic import write_json, write_text
@@ -206,6 +240,7 @@ def train(args, run: dict, geometry: Geometry, granted: dict, threads: int, iden
         trainer_kwargs["strategy"] = DDPStrategy(
             timeout=dt.timedelta(seconds=args.collective_timeout), process_group_backend=backend
         )
+    quiet_known_noise()
     throughput = make_throughput_callback()
     save_and_stop = make_save_and_stop_callback(signals, last, args.checkpoint_every_s, AGREE_EVERY)
     resume_state = resume_state_callback(identity, attempt.number if attempt else None)
@@ -220,12 +255,17 @@ def train(args, run: dict, geometry: Geometry, granted: dict, threads: int, iden
         max_epochs=run["epochs"],
         precision=run["precision"],
         default_root_dir=out,
-        logger=CSVLogger(save_dir=out, name="logs", version=""),
+        # Both in logs/: a resumed attempt continues the same TensorBoard run, and a finished
+        # run's logs move to logs.finished/ with its CSV log.
+        logger=[CSVLogger(save_dir=out, name="logs", version="")]
+        + ([TensorBoardLogger(save_dir=out, name="logs", version="", default_hp_metric=False)]
+           if "tensorboard" in args.loggers.split(",") else []),
         # `last.ckpt`, replaced at every epoch end (save_last alone would only write it when
         # a top-k checkpoint is saved too, i.e. at the end of fit).
         callbacks=[
             ModelCheckpoint(dirpath=ckpt_dir, filename="last", save_top_k=1, enable_version_counter=False),
             throughput,
+            make_progress_callback(throughput, args.progress_every_s),
             save_and_stop,
             resume_state,
         ],
@@ -239,9 +279,6 @@ def train(args, run: dict, geometry: Geometry, granted: dict, threads: int, iden
         log.info("resuming from %s", resume)
     if attempt:
         keep_earlier_log(log_dir)  # an earlier attempt's, which the CSV logger would delete
-    # The CSV logger warns that it will delete "previous log files" whenever logs/ holds any
-    # file; it deletes only metrics.csv, which keep_earlier_log has just kept.
-    warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
 
     def attempt_figures(fit_s: float) -> dict:
         first_step = resume_state.resumed_from["global_step"] if resume_state.resumed_from else 0

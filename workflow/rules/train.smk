@@ -18,16 +18,20 @@ TRAIN_SHELL = (
     "python -m mnistflow.train --run {wildcards.run} --params {params.settings:q}"
     " --train-data {input.train} --out {params.out} --val-size {params.val_size}"
     " --train-limit {params.train_limit} --threads {resources.cpus_per_task} --job-threads {threads}"
-    " --checkpoint-every-s {resources.checkpoint_every_s}"
+    " --checkpoint-every-s {resources.checkpoint_every_s} --progress-every-s {resources.progress_every_s}"
+    " --loggers {resources.loggers}"
     " --env-record {input.environment} > {log} 2>&1"
 )
 # Runtime settings of both training rules, not params: they change when a run is saved or
-# how Slurm warns it, never what it computes, so changing them reruns nothing. Override
+# how Slurm warns it or what it logs, never what it computes, so changing them reruns nothing. Override
 # them per cluster in the profile (set-resources).
 TRAIN_RUNTIME = dict(
     runtime=60,
     # Also save last.ckpt mid-epoch this often, so a SIGKILL loses at most this much.
     checkpoint_every_s=600,
+    # Rank 0 logs progress at each epoch's end and, in long epochs, this often.
+    progress_every_s=60,
+    loggers=lambda wildcards: ",".join(RUNS[wildcards.run]["loggers"]),
     # Slurm sends USR1 90 s before the time limit: every rank saves and stops (README,
     # "Preemption"). Composed with the sbatch flags given every rule as
     # --default-resources slurm_extra=...
