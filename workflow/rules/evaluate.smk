@@ -1,8 +1,8 @@
 rule evaluate:
     """Test-split scores, confusion matrix and learning curves, in one process."""
     input:
-        model=rules.train.output.model,
-        log_csv=rules.train.output.log_csv,
+        model=TRAIN_OUTPUT["model"],
+        log_csv=TRAIN_OUTPUT["log_csv"],
         test=rules.prepare.output.test,
     output:
         metrics="results/runs/{run}/eval/metrics.json",

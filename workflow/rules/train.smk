@@ -39,6 +39,12 @@ TRAIN_RUNTIME = dict(
 )
 
 
+# Every run can be trained by `train`; the distributed ones go to `train_ddp`, whose
+# constraint lists only them. (A constraint listing every single-process run would be
+# formatted into each of their paths: seconds of planning in a big sweep.)
+ruleorder: train_ddp > train
+
+
 onstart:
     refuse_runs_no_partition_holds(workflow.dag.needrun_jobs())
     refuse_arrays_of_mixed_requests(workflow.dag.needrun_jobs())
@@ -54,8 +60,6 @@ rule train:
         "results/logs/train/{run}.log",
     benchmark:
         "results/benchmarks/train/{run}.tsv"
-    wildcard_constraints:
-        run=runs_where(distributed=False),
     conda:
         software_env("torch")
     envmodules:
