@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import statistics
 import sys
 import tempfile
@@ -43,9 +44,21 @@ ENTRY_IMPORTS = {
 }
 
 
+SWEPT = {
+    "lr": [0.001, 0.002, 0.003, 0.005, 0.007, 0.01, 0.015, 0.02, 0.03, 0.05],
+    "batch_size": [32, 48, 64, 96, 128, 192, 256, 384, 512, 1024],
+    "seed": list(range(1, 11)),
+}
+
+
 def sweep_config(n: int, base: dict) -> dict:
+    """The default config's runs and a sweep of n points (a power of 10) as a user writes one:
+    a grid over learning rate, batch size and seed (10 x 10 x 10 for 1,000)."""
     cfg = json.loads(json.dumps(base))
-    cfg["runs"] = {f"run{i:04d}": {"seed": i, "nodes": 1 + (i % 2), "devices": 1} for i in range(n)}
+    digits = round(math.log10(n))
+    assert 10 ** digits == n and digits <= len(SWEPT), n
+    grid = {key: values if i < digits else values[:1] for i, (key, values) in enumerate(SWEPT.items())}
+    cfg["sweeps"] = {"grid": {"settings": {"epochs": 1}, "grid": grid}}
     return cfg
 
 
@@ -193,7 +206,7 @@ def main(argv=None):
           "with the Slurm plugin's `scontrol show config` probe short-circuited, and as installed on this machine "
           "(Slurm client present, no controller running: the probe waits ~9 s at every snakemake start):\n\n")
     installed = {d["runs"]: d["seconds"] for d in record["dry_run_as_installed"]}
-    md += common.table(["runs", "jobs", "best s", "median s", "seconds as installed"],
+    md += common.table(["sweep points (+ 2 default runs)", "jobs", "best s", "median s", "seconds as installed"],
                        [[d["runs"], d["jobs"], d["seconds"], round(statistics.median(d["each"]), 2), installed.get(d["runs"])]
                         for d in record["dry_run"]])
     md += (f"\n\n(`snakemake --version` alone: {record['snakemake_version_s']} s; as installed "
