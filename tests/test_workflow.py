@@ -25,6 +25,7 @@ def chain(tmp_path_factory, mirror, slurm_controller):
     plan = wf.snakemake("--dry-run", "--cores", "2")
     wf.snakemake("--cores", "2")
     wf.snakemake("--report", "results/report.zip")
+    wf.snakemake("--report", "results/report.html")
     wf.plan = plan.stdout
     return wf
 
@@ -120,6 +121,45 @@ def test_report_contains_plots_and_captions(chain):
         assert any("runs.png" in n for n in pngs)
         html = "".join(report.read(n).decode(errors="ignore") for n in names if n.endswith((".html", ".js")))
         assert "Confusion matrix of run" in html
+
+
+def test_report_in_a_browser_shows_the_run_table_provenance_and_plots(chain):
+    """`results/report.html` in headless Chromium, used as a reader does: open the Summary
+    category, open the runs page, read the tables from the rendered DOM. The screenshot is kept
+    in test-artifacts/report.png."""
+    from tests.browser import Browser
+    from tests.conftest import REPO
+
+    with Browser() as browser:
+        browser.open(chain.path("results/report.html").resolve().as_uri())
+        menu = "[...document.querySelectorAll('a')].filter(a => a.textContent.trim() === 'Summary')"
+        browser.wait_for(f"{menu}.length > 0")
+        browser.evaluate(f"{menu}[0].click()")
+        # the category's results: the charts, the sweep plot and the runs page, by file name
+        listed = browser.wait_for("""(() => { const names = [...document.querySelectorAll('tr')].map(r => r.textContent);
+            return ['runs.png', 'sweeps.png', 'runs.html'].every(n => names.some(t => t.includes(n))) && names; })()""")
+        assert any("runs.html" in row for row in listed), listed
+        browser.evaluate("""[...document.querySelectorAll('tr')].find(r => r.textContent.includes('runs.html'))
+            .querySelector('td:last-child a').click()""")
+        rows = browser.wait_for("[...document.querySelectorAll('#runs tbody tr')].map(r => [...r.cells].map(c => c.textContent))",
+                                frame_index=1)
+        head = browser.evaluate("[...document.querySelectorAll('#runs th')].map(c => c.textContent)", browser.frames()[1])
+        table = {row[0]: dict(zip(head, row)) for row in rows}
+        assert set(table) == {"single", "multinode"}, table
+        for run in table:
+            metrics = json.loads(chain.path(f"results/runs/{run}/eval/metrics.json").read_text())
+            assert table[run]["test_accuracy"] == str(round(metrics["accuracy"], 4)), table[run]
+            assert float(table[run]["samples_per_s"]) > 0 and float(table[run]["train_s"]) > 0
+        provenance = browser.evaluate(
+            "[...document.querySelectorAll('#provenance tbody tr')].map(r => [...r.cells].map(c => c.textContent))", browser.frames()[1])
+        record = json.loads(chain.path("results/runs/multinode/train.json").read_text())
+        by_run = {row[0]: row for row in provenance}
+        assert record["provenance"]["code_digest"][:12] in by_run["multinode"] and "1: finished" in by_run["multinode"], by_run
+        assert "torch 2.14.1" in " ".join(by_run["single"]) and "none (local)" in by_run["single"], by_run
+        per_class = browser.evaluate("document.querySelectorAll('details table tbody tr').length", browser.frames()[1])
+        assert per_class == 2 * 10
+        browser.screenshot(REPO / "test-artifacts" / "report.png")
+    assert (REPO / "test-artifacts" / "report.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_second_run_has_nothing_to_do(chain):

@@ -91,6 +91,15 @@ def format_value(value) -> str:
     return repr(value) if isinstance(value, float) else str(value)
 
 
+def _sweep_points(config: Mapping):
+    """(sweep, run name, grid point, the sweep's spec) for every point of every sweep."""
+    for sweep, spec in (config.get("sweeps") or {}).items():
+        grid = spec.get("grid") or {}
+        for values in itertools.product(*grid.values()):
+            point = dict(zip(grid, values))
+            yield sweep, "_".join([sweep] + [f"{key}-{format_value(value)}" for key, value in point.items()]), point, spec
+
+
 def expand_sweeps(config: Mapping) -> dict[str, dict]:
     """Every combination of each sweep's grid, as named runs.
 
@@ -98,14 +107,18 @@ def expand_sweeps(config: Mapping) -> dict[str, dict]:
     gives runs `lrs_lr-0.001_batch_size-64`, ... : the names list the grid values in the
     order the grid is written, so they are readable and stay the same when a point is added.
     """
-    runs: dict[str, dict] = {}
-    for sweep, spec in (config.get("sweeps") or {}).items():
-        grid = spec.get("grid") or {}
-        for values in itertools.product(*grid.values()):
-            point = dict(zip(grid, values))
-            name = "_".join([sweep] + [f"{key}-{format_value(value)}" for key, value in point.items()])
-            runs[name] = {**(spec.get("settings") or {}), **point}
-    return runs
+    return {name: {**(spec.get("settings") or {}), **point} for _, name, point, spec in _sweep_points(config)}
+
+
+def sweep_values(config: Mapping) -> dict[str, dict]:
+    """Each sweep's swept keys and, for each, every run's value: the summary's sweep plot.
+    `{lrs: {keys: [lr, batch_size], values: {lr: {lrs_lr-0.001_batch_size-64: 0.001, ...}, ...}}}`"""
+    out = {sweep: {"keys": list(spec.get("grid") or {}), "values": {key: {} for key in spec.get("grid") or {}}}
+           for sweep, spec in (config.get("sweeps") or {}).items()}
+    for sweep, name, point, _ in _sweep_points(config):
+        for key, value in point.items():
+            out[sweep]["values"][key][name] = value
+    return out
 
 
 def all_runs(config: Mapping) -> dict[str, dict]:

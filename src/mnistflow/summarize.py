@@ -21,6 +21,7 @@ from pathlib import Path
 
 from .atomic import atomic_path, write_text
 from .cli import run_and_exit
+from .config import sweep_values
 
 COLUMNS = ("run", "model", "nodes", "devices", "world_size", "epochs", "batch_size", "lr",
            "test_accuracy", "test_loss", "train_s", "samples_per_s", "hosts",
@@ -82,11 +83,13 @@ def slurm_usage(job_ids) -> list[dict]:
     return [jobs[j] for j in ids if j in jobs]
 
 
-def collect(runs, results_dir) -> tuple[list[dict], list[dict]]:
-    rows, jobs_of = [], {}
+def collect(runs, results_dir) -> tuple[list[dict], list[dict], dict]:
+    """The run table's rows, each Slurm job's usage, and each run's (train.json, metrics.json)."""
+    rows, jobs_of, records = [], {}, {}
     for name in runs:
         train = json.loads((Path(results_dir) / name / "train.json").read_text())
         metrics = json.loads((Path(results_dir) / name / "eval" / "metrics.json").read_text())
+        records[name] = (train, metrics)
         settings = train["settings"]
         rows.append({
             "run": name,
@@ -115,7 +118,7 @@ def collect(runs, results_dir) -> tuple[list[dict], list[dict]]:
         rss = [j["max_rss_mb"] for j in jobs if j["max_rss_mb"] is not None]
         row["slurm_cpu_efficiency"] = round(sum(used) / allocated, 3) if used and allocated else ""
         row["slurm_max_rss_mb"] = round(max(rss)) if rss else ""
-    return rows, usage
+    return rows, usage, records
 
 
 def to_csv(rows, columns=COLUMNS) -> str:
@@ -130,6 +133,85 @@ def to_markdown(rows) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(str(row[c]) for c in COLUMNS) + " |" for row in rows]
     return "\n".join(lines) + "\n"
+
+
+def provenance(train: dict) -> dict:
+    """What produced a run, as the report's provenance table shows it."""
+    prov = train.get("provenance") or {}
+    commit = prov.get("git_commit")
+    attempts = train.get("attempts") or []
+    jobs = [a.get("slurm_array_task") or a.get("slurm_job_id") for a in attempts]
+    return {
+        "run": train["run"],
+        "git commit": (commit[:12] + (" (dirty)" if prov.get("git_dirty") else "")) if commit else "not a git checkout",
+        "code digest": (prov.get("code_digest") or "")[:12],
+        "packages": ", ".join(f"{k} {v}" for k, v in sorted((prov.get("packages") or {}).items())),
+        "Slurm jobs": ", ".join(str(j) for j in jobs if j) or "none (local)",
+        "attempts": "; ".join(f"{a.get('attempt')}: {a.get('outcome') or 'killed (never ended)'}" for a in attempts),
+        "device": train.get("device", ""),
+    }
+
+
+def _table(rows: list[dict], table_id: str) -> str:
+    from html import escape
+
+    if not rows:
+        return f'<p id="{table_id}">none</p>'
+    head = "".join(f"<th>{escape(str(k))}</th>" for k in rows[0])
+    body = "".join("<tr>" + "".join(f"<td>{escape(str(v))}</td>" for v in row.values()) + "</tr>" for row in rows)
+    return f'<table id="{table_id}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def to_html(rows, records: dict) -> str:
+    """One page for the report: the run table, each run's provenance and per-class scores."""
+    from html import escape
+
+    per_class = "".join(
+        f'<details><summary>{escape(name)}: test accuracy {metrics["accuracy"]:.4f}</summary>'
+        + _table([{"class": c["class"], "support": c["support"], "precision": f'{c["precision"]:.4f}',
+                   "recall": f'{c["recall"]:.4f}'} for c in metrics["per_class"]], f"per-class-{escape(name)}")
+        + "</details>"
+        for name, (_, metrics) in records.items()
+    )
+    style = ("body{font-family:sans-serif;font-size:13px;margin:1em}table{border-collapse:collapse;margin:.5em 0 1.5em}"
+             "td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}th{background:#eee}")
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>mnistflow runs</title><style>{style}</style></head><body>"
+            f"<h2>Runs</h2>{_table(rows, 'runs')}"
+            f"<h2>Provenance</h2>{_table([provenance(train) for train, _ in records.values()], 'provenance')}"
+            f"<h2>Per-class precision and recall (test split)</h2>{per_class}</body></html>\n")
+
+
+def plot_sweeps(rows, sweeps: dict, path) -> None:
+    """Test accuracy against each swept setting: one panel per sweep and key, a point per run
+    (the other keys' values vary within a column: every point of the grid is shown)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_run = {r["run"]: r for r in rows}
+    panels = [(sweep, key) for sweep, spec in sweeps.items() for key in spec["keys"]]
+    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(4 * max(len(panels), 1), 3.2), squeeze=False)
+    if not panels:
+        axes[0][0].text(0.5, 0.5, "no sweeps configured", ha="center", va="center")
+        axes[0][0].set_axis_off()
+    for ax, (sweep, key) in zip(axes[0], panels):
+        points = [(spec_value, by_run[run]["test_accuracy"]) for run, spec_value in sweeps[sweep]["values"][key].items()
+                  if run in by_run]
+        values = sorted({v for v, _ in points}, key=lambda v: (isinstance(v, str), v))
+        positions = {v: i for i, v in enumerate(values)}
+        numeric = all(isinstance(v, (int, float)) for v in values)
+        xs = [v if numeric else positions[v] for v, _ in points]
+        ax.scatter(xs, [acc for _, acc in points], alpha=0.7)
+        if numeric and len(values) > 2 and min(values) > 0 and max(values) / min(values) >= 10:
+            ax.set_xscale("log")
+        if not numeric:
+            ax.set_xticks(range(len(values)), [str(v) for v in values])
+        ax.set(xlabel=key, ylabel="test accuracy", title=f"sweep {sweep}")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
 
 
 def plot(rows, path) -> None:
@@ -157,13 +239,16 @@ def main(argv=None) -> int:
     p.add_argument("--runs", nargs="+", required=True)
     p.add_argument("--results", required=True, help="directory holding one folder per run")
     p.add_argument("--out", required=True)
+    p.add_argument("--sweeps", default="{}", help="JSON: config's sweeps, {sweep: {grid: {key: [values]}}}")
     args = p.parse_args(argv)
-    rows, usage = collect(args.runs, args.results)
+    rows, usage, records = collect(args.runs, args.results)
     out = Path(args.out)
     write_text(out / "runs.csv", to_csv(rows))
     write_text(out / "slurm_usage.csv", to_csv(usage, USAGE_COLUMNS))
     write_text(out / "runs.md", to_markdown(rows))
     plot(rows, out / "runs.png")
+    write_text(out / "runs.html", to_html(rows, records))
+    plot_sweeps(rows, sweep_values({"sweeps": json.loads(args.sweeps)}), out / "sweeps.png")
     return 0
 
 

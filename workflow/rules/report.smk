@@ -3,7 +3,7 @@ localrules:
 
 
 rule summarize:
-    """One table and one chart comparing every run."""
+    """The runs side by side: tables, provenance, per-class scores, charts, the sweeps."""
     input:
         records=expand("results/runs/{run}/train.json", run=RUNS),
         metrics=expand("results/runs/{run}/eval/metrics.json", run=RUNS),
@@ -21,6 +21,16 @@ rule summarize:
             caption="../report/summary.rst",
             category="Summary",
         ),
+        page=report(
+            "results/summary/runs.html",
+            caption="../report/runs_page.rst",
+            category="Summary",
+        ),
+        sweeps=report(
+            "results/summary/sweeps.png",
+            caption="../report/sweeps.rst",
+            category="Summary",
+        ),
     log:
         "results/logs/summarize.log",
     conda:
@@ -31,8 +41,11 @@ rule summarize:
         code=code_digest("mnistflow.summarize"),
         packages=versions_imported_by("mnistflow.summarize"),
         runs=list(RUNS),
+        sweeps=json.dumps(
+            {name: {"grid": spec["grid"]} for name, spec in config["sweeps"].items()}
+        ),
         results=lambda wildcards, input: os.path.dirname(directory_of(input.records)),
         out=lambda wildcards, output: directory_of(output.csv),
     shell:
         "python -m mnistflow.summarize --runs {params.runs} --results {params.results}"
-        " --out {params.out} > {log} 2>&1"
+        " --out {params.out} --sweeps {params.sweeps:q} > {log} 2>&1"
