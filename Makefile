@@ -13,9 +13,12 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 install: $(STAMP)
 
-$(STAMP): requirements.txt constraints.txt
+$(STAMP): requirements.txt constraints.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.txt -c constraints.txt
+	# mnistflow itself, editable: importable from src/ without PYTHONPATH (the rules still
+	# put src/ first on PYTHONPATH, for conda environments and modules)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 # Debian packages the tests use: a real Slurm (started by tests/cluster), the real
@@ -29,13 +32,13 @@ run: install
 
 # The whole chain offline on 10,000 real MNIST digits served from a loopback mirror.
 demo: install
-	PYTHONPATH=src $(BIN)/python -m mnistflow.demo
+	$(BIN)/python -m mnistflow.demo
 
 test: install
 	$(BIN)/python -m pytest
 
 bench: install
-	PYTHONPATH=src $(BIN)/python bench/run_all.py
+	$(BIN)/python bench/run_all.py
 
 lint: install
 	$(SNAKEMAKE) --lint

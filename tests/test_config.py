@@ -40,6 +40,31 @@ def test_cpus_and_memory_per_process_default_and_override():
     assert {k: resolve_run({"runs": {"a": {}}}, "a")[k] for k in RUNTIME} == RUNTIME
 
 
+def test_each_default_has_one_source():
+    """Run settings: mnistflow.config.RECIPE, which the model's and the DataModule's signatures
+    take theirs from. Dataset and evaluation settings: the schema (validate() fills them in),
+    which the shipped config, the DataModule and evaluation's entry point agree with."""
+    import inspect
+
+    from mnistflow.datamodule import MNISTDataModule
+    from mnistflow.evaluate import EVAL_BATCH
+    from mnistflow.model import MNISTClassifier
+
+    model = inspect.signature(MNISTClassifier).parameters
+    assert {k: model[k].default for k in ("model", "optimizer", "lr", "weight_decay", "schedule")} == {
+        k: RECIPE[k] for k in ("model", "optimizer", "lr", "weight_decay", "schedule")}
+    data = inspect.signature(MNISTDataModule).parameters
+    schema = yaml.safe_load(Path(SCHEMA).read_text())["properties"]
+    filled = {}
+    validate(filled, SCHEMA)
+    assert data["batch_size"].default == RECIPE["batch_size"] and data["seed"].default == RECIPE["seed"]
+    assert data["val_size"].default == schema["dataset"]["properties"]["val_size"]["default"] == filled["dataset"]["val_size"]
+    assert data["eval_batch_size"].default == EVAL_BATCH == filled["evaluate"]["batch_size"]
+    shipped = load()
+    assert shipped["dataset"]["val_size"] == filled["dataset"]["val_size"]
+    assert shipped["evaluate"]["batch_size"] == filled["evaluate"]["batch_size"]
+
+
 def test_recipe_defaults_match_the_shipped_config():
     shipped = load()["train"]
     assert {k: RECIPE[k] for k in shipped} == shipped

@@ -12,6 +12,7 @@ import torch
 import pytorch_lightning as pl
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from .config import RECIPE
 from .data import load_split, normalise
 
 class TensorSplit(Dataset):
@@ -76,10 +77,10 @@ class MNISTDataModule(pl.LightningDataModule):
         self,
         train_path: str | Path,
         test_path: str | Path | None = None,
-        batch_size: int = 128,
-        val_size: int = 5000,
+        batch_size: int = RECIPE["batch_size"],
+        val_size: int = 5000,  # the schema's dataset.val_size (tests/test_config.py)
         train_limit: int = 0,
-        seed: int = 42,
+        seed: int = RECIPE["seed"],
         eval_batch_size: int = 100,  # see mnistflow.evaluate.EVAL_BATCH
     ):
         super().__init__()

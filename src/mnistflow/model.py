@@ -12,17 +12,18 @@ import pytorch_lightning as pl
 from torch.nn import functional as F
 from torchmetrics import MeanMetric
 
+from .config import RECIPE
 from .networks import NETWORKS
 
 
 class MNISTClassifier(pl.LightningModule):
     def __init__(
         self,
-        model: str = "fast_cnn",
-        optimizer: str = "adamw",
-        lr: float = 0.02,
-        weight_decay: float = 0.0,
-        schedule: str = "onecycle",
+        model: str = RECIPE["model"],
+        optimizer: str = RECIPE["optimizer"],
+        lr: float = RECIPE["lr"],
+        weight_decay: float = RECIPE["weight_decay"],
+        schedule: str = RECIPE["schedule"],
         num_classes: int = 10,
     ):
         super().__init__()

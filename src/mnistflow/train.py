@@ -75,7 +75,7 @@ def parse_args(argv: Sequence[str] | None):
     p.add_argument("--params", required=True, help="the run's resolved settings, as JSON")
     p.add_argument("--train-data", required=True, help="the prepared training split (train.npz)")
     p.add_argument("--out", required=True, help="the run's output directory")
-    p.add_argument("--val-size", type=int, default=5000)
+    p.add_argument("--val-size", type=int, required=True, help="training images held out for validation (config dataset.val_size)")
     p.add_argument("--train-limit", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="CPUs granted each process on Slurm (--cpus-per-task; 0: SLURM_CPUS_PER_TASK, else all)")
     p.add_argument("--job-threads", type=int, default=0,
