@@ -24,9 +24,6 @@ rule evaluate:
         "results/logs/evaluate/{run}.log",
     benchmark:
         "results/benchmarks/evaluate/{run}.tsv"
-    # On Slurm, --group-components evaluate=N (profiles/slurm) runs N evaluations in one job.
-    group:
-        "evaluate"
     conda:
         software_env("torch")
     envmodules:
