@@ -77,8 +77,8 @@ def test_ddp_scaling_trains_every_geometry(smoke):
 
 def test_workflow_overhead_dry_runs_and_runs_the_chain(smoke):
     t = record(smoke, "workflow_overhead")
-    # the default config's two runs and a sweep of 1 and 10 points: two jobs a run and nine others
-    assert [(d["runs"], d["jobs"]) for d in t["dry_run"]] == [(1, 15), (10, 33)]
+    # the default config's two runs and a sweep of 1 and 10 points: two jobs a run and five others
+    assert [(d["runs"], d["jobs"]) for d in t["dry_run"]] == [(1, 11), (10, 29)]
     chain = t["chain"]
     assert 0 < chain["overhead_fraction"] < 1 and chain["wall_s"] > chain["compute_s"] > 0
     assert {run: r["test_acc"] > 0.8 for run, r in chain["runs"].items()} == {"single": True, "multinode": True}
