@@ -13,11 +13,11 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 install: $(STAMP)
 
+# The pinned requirements, then mnistflow itself, editable: importable from src/ without
+# PYTHONPATH (the rules still put src/ first on PYTHONPATH, for conda envs and modules).
 $(STAMP): requirements.txt constraints.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.txt -c constraints.txt
-	# mnistflow itself, editable: importable from src/ without PYTHONPATH (the rules still
-	# put src/ first on PYTHONPATH, for conda environments and modules)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
