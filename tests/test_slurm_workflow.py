@@ -174,10 +174,11 @@ INTERRUPTIONS = {
 SINGLE, DDP = {"nodes": 1, "devices": 1}, {"nodes": 2, "devices": 1}
 
 
-# SIGTERM in one process: at a real time limit, in the test after this one.
+# SIGTERM in one process: at a real time limit, in the test after this one. USR1 in one
+# process: tests/test_faults.py (the same handler; on Slurm, usr1-ddp sends it).
 @pytest.mark.parametrize("interruption, geometry", [
-    ("usr1", SINGLE), ("usr1", DDP), ("term", DDP), ("requeue", SINGLE),
-], ids=["usr1-single", "usr1-ddp", "term-ddp", "requeue-single"])
+    ("usr1", DDP), ("term", DDP), ("requeue", SINGLE),
+], ids=["usr1-ddp", "term-ddp", "requeue-single"])
 def test_interrupted_training_resumes_to_the_uninterrupted_weights(slurm_cluster, tmp_path_factory, mirror, interruption, geometry):
     """A signal or a requeue mid-run: every rank saves a mid-epoch checkpoint and stops, the
     retry (or the requeued job) resumes at the next batch, and the run ends with the weights of
