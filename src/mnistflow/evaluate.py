@@ -17,8 +17,9 @@ import math
 from pathlib import Path
 from typing import Sequence
 
-from .atomic import atomic_path, write_json, write_text
+from .atomic import write_json, write_text
 from .cli import run_and_exit
+from .plots import pyplot, save_png
 
 log = logging.getLogger("mnistflow.evaluate")
 
@@ -112,17 +113,8 @@ def _csv(rows) -> str:
     return buf.getvalue()
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_confusion(cm, path, accuracy: float) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 5))
     ax.imshow(cm.numpy(), cmap="Blues")
     for i in range(cm.shape[0]):
@@ -131,7 +123,7 @@ def plot_confusion(cm, path, accuracy: float) -> None:
             if value:
                 ax.text(j, i, value, ha="center", va="center", fontsize=7, color="white" if value > cm.max() / 2 else "black")
     ax.set(xlabel="predicted", ylabel="true", xticks=range(10), yticks=range(10), title=f"Confusion matrix (accuracy {accuracy:.2%})")
-    _save(fig, path)
+    save_png(fig, path)
 
 
 def read_log(path) -> dict[str, list[tuple[int, float]]]:
@@ -150,7 +142,7 @@ def read_log(path) -> dict[str, list[tuple[int, float]]]:
 
 
 def plot_learning_curves(train_log, path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     series = read_log(train_log)
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
     for key in ("train_loss_step", "train_loss_epoch", "val_loss"):
@@ -164,14 +156,9 @@ def plot_learning_curves(train_log, path) -> None:
         acc_ax.plot(steps, values, marker="o", label="val_acc")
         acc_ax.legend()
     acc_ax.set(xlabel="step", ylabel="accuracy", title="Validation accuracy")
-    _save(fig, path)
+    save_png(fig, path)
 
 
-def _save(fig, path) -> None:
-    with atomic_path(path) as tmp:
-        fig.tight_layout()
-        fig.savefig(tmp, format="png", dpi=100)
-    _pyplot().close(fig)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -17,11 +17,13 @@ import json
 import re
 import shutil
 import subprocess
+from html import escape
 from pathlib import Path
 
-from .atomic import atomic_path, write_text
+from .atomic import write_text
 from .cli import run_and_exit
 from .config import sweep_values
+from .plots import pyplot, save_png
 
 COLUMNS = ("run", "model", "nodes", "devices", "world_size", "epochs", "batch_size", "lr",
            "test_accuracy", "test_loss", "train_s", "samples_per_s", "hosts",
@@ -153,8 +155,6 @@ def provenance(train: dict) -> dict:
 
 
 def _table(rows: list[dict], table_id: str) -> str:
-    from html import escape
-
     if not rows:
         return f'<p id="{table_id}">none</p>'
     head = "".join(f"<th>{escape(str(k))}</th>" for k in rows[0])
@@ -164,8 +164,6 @@ def _table(rows: list[dict], table_id: str) -> str:
 
 def to_html(rows, records: dict) -> str:
     """One page for the report: the run table, each run's provenance and per-class scores."""
-    from html import escape
-
     per_class = "".join(
         f'<details><summary>{escape(name)}: test accuracy {metrics["accuracy"]:.4f}</summary>'
         + _table([{"class": c["class"], "support": c["support"], "precision": f'{c["precision"]:.4f}',
@@ -184,11 +182,7 @@ def to_html(rows, records: dict) -> str:
 def plot_sweeps(rows, sweeps: dict, path) -> None:
     """Test accuracy against each swept setting: one panel per sweep and key, a point per run
     (the other keys' values vary within a column: every point of the grid is shown)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     by_run = {r["run"]: r for r in rows}
     panels = [(sweep, key) for sweep, spec in sweeps.items() for key in spec["keys"]]
     fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(4 * max(len(panels), 1), 3.2), squeeze=False)
@@ -208,18 +202,11 @@ def plot_sweeps(rows, sweeps: dict, path) -> None:
         if not numeric:
             ax.set_xticks(range(len(values)), [str(v) for v in values])
         ax.set(xlabel=key, ylabel="test accuracy", title=f"sweep {sweep}")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def plot(rows, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     names = [r["run"] for r in rows]
     fig, (acc_ax, speed_ax) = plt.subplots(1, 2, figsize=(10, 0.6 * len(rows) + 2))
     acc_ax.barh(names, [r["test_accuracy"] for r in rows], color="tab:blue")
@@ -228,10 +215,7 @@ def plot(rows, path) -> None:
     speed_ax.set(xlabel="training samples / s", title="Throughput")
     for ax in (acc_ax, speed_ax):
         ax.invert_yaxis()
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def main(argv=None) -> int:

@@ -39,6 +39,7 @@ from .callbacks import (
     make_throughput_callback,
 )
 from .cli import run_and_exit
+from .config import RUNTIME
 from .geometry import Geometry, GeometryError
 from .launch import relaunch
 from .resume import (
@@ -88,7 +89,8 @@ def parse_args(argv: Sequence[str] | None):
                    help="also save last.ckpt mid-epoch every this many seconds (0: at epoch ends only)")
     p.add_argument("--progress-every-s", type=float, default=0.0,
                    help="also log progress mid-epoch every this many seconds (0: at epoch ends only)")
-    p.add_argument("--loggers", default="csv", help="comma-separated: csv (always), tensorboard")
+    p.add_argument("--loggers", default=",".join(RUNTIME["loggers"]),
+                   help="comma-separated: csv (always), tensorboard (default: config's loggers default)")
     return p.parse_args(argv)
 
 

@@ -74,13 +74,21 @@ def slurm_resource(name, default=None):
     return lambda wildcards: geometry(wildcards).slurm_resources().get(name, default)
 
 
+def submits_to_slurm():
+    """A real run with --executor slurm (a dry run has no executor plugin)."""
+    return (
+        workflow.executor_plugin is not None
+        and workflow.executor_plugin.name == "slurm"
+    )
+
+
 def refuse_runs_no_partition_holds(jobs):
     """Before a Slurm run submits anything: every training job's geometry fits its partition.
 
     Slurm accepts a job no node can hold and leaves it pending (PartitionConfig) while
     Snakemake waits. A dry run does not ask Slurm, so this runs at the start of a real one.
     """
-    if workflow.executor_plugin is None or workflow.executor_plugin.name != "slurm":
+    if not submits_to_slurm():
         return
     partitions = {}
     for job in jobs:
@@ -117,7 +125,7 @@ def refuse_arrays_of_mixed_requests(jobs):
     one geometry and grant (a sweep of hyperparameters) share a request; runs of different
     requests in one rule do not.
     """
-    if workflow.executor_plugin is None or workflow.executor_plugin.name != "slurm":
+    if not submits_to_slurm():
         return
     selected = getattr(workflow.executor_settings, "array_jobs", None) or ""
     selected = {name.strip() for name in selected.replace(";", ",").split(",")}
