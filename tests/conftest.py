@@ -78,8 +78,14 @@ class Workflow:
         return {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}"}
 
     def logs_tail(self) -> str:
-        logs = sorted((self.root / "results" / "logs").rglob("*.log")) if (self.root / "results").exists() else []
-        return "".join(f"\n--- {p.relative_to(self.root)}\n{p.read_text()[-3000:]}" for p in logs)
+        """What a user would read after a failure: the rules' logs and every training attempt on
+        record (attempts.jsonl outlives the rule's log, which Snakemake clears for each retry)."""
+        results = self.root / "results"
+        logs = sorted((results / "logs").rglob("*.log")) if results.exists() else []
+        slurm_logs = sorted((self.root / ".snakemake" / "slurm_logs").rglob("*.log"))
+        attempts = sorted(results.glob("runs/*/logs*/attempts.jsonl")) if results.exists() else []
+        return "".join(f"\n--- {p.relative_to(self.root)}\n{p.read_text()[-limit:]}"
+                       for paths, limit in ((logs, 3000), (slurm_logs, 1500), (attempts, 6000)) for p in paths)
 
     def write_config(self, name: str, data: dict) -> Path:
         path = self.root / name

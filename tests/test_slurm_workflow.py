@@ -231,29 +231,41 @@ def test_interrupted_training_resumes_to_the_uninterrupted_weights(slurm_cluster
 
 
 def test_training_past_its_time_limit_saves_at_slurms_sigterm_and_resumes(slurm_cluster, tmp_path_factory, mirror):
-    """A real time limit: a 1-minute job (and no USR1 warning) for about 100 s of training.
-    Slurm ends the job with SIGTERM (then SIGKILL after KillWait, 5 s here); the rank saves at
-    once, the job ends TIMEOUT, and Snakemake's retry resumes and trains every step once."""
+    """A real time limit, without the USR1 warning (slurm_extra ''). Once the job trains, its
+    limit is lowered to 1 minute (`scontrol update`, as an admin can); Slurm ends it there
+    with SIGTERM (then SIGKILL after KillWait, 5 s here). The rank saves at once, the job ends
+    TIMEOUT, and Snakemake's retry, under the rule's own limit, resumes and trains every step
+    once. (Submitted with a 1-minute limit, the retry would race the same limit, which Slurm
+    enforces anywhere from 60 to 90 s in: its checks are 30 s apart.)"""
     wf = Workflow(copy_workflow(tmp_path_factory.mktemp("time-limit")), [TEST_CONFIG])
     wf.write_config("mirror.yaml", mirror.overlay())
-    wf.write_config("extra.yaml", {"runs": {"long": {"model": "cnn", "epochs": 16, **SINGLE}}})
-    wf.snakemake("results/runs/long/train.json", *SLURM_ARGS, "--set-resources", "train:runtime=1", "train:slurm_extra=''",
-                 timeout=600)
+    # about 2 minutes of training here (100 s on a faster machine): longer than the first job's 60-90 s
+    wf.write_config("extra.yaml", {"runs": {"long": {"model": "cnn", "epochs": 18, **SINGLE}}})
+    proc = subprocess.Popen(
+        ["timeout", "-k", "10", "600", *wf.command("results/runs/long/train.json", *SLURM_ARGS,
+                                                    "--set-resources", "train:slurm_extra=''")],
+        cwd=wf.root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=wf.env(),
+    )
+    jobid = _wait_for(lambda: _running_train_job(slurm_cluster, wf), 300, "the running training job")
+    _wait_for(wf.path("results/runs/long/checkpoints/last.ckpt").exists, 180, "the first epoch's checkpoint")
+    slurm_cluster.run(["scontrol", "update", f"JobId={jobid}", "TimeLimit=1"], timeout=10)
+    out, _ = proc.communicate(timeout=620)
+    assert proc.returncode == 0, out[-6000:] + wf.logs_tail()
     record = json.loads(wf.path("results/runs/long/train.json").read_text())
     attempts = record["attempts"]
     assert attempts[0]["outcome"].startswith("preempted: SIGTERM received"), attempts
-    assert attempts[-1]["outcome"] == "finished" and len(attempts) >= 2, attempts
-    states = {a["slurm_job_id"]: slurm_cluster.sacct(a["slurm_job_id"], ["JobID", "State", "Timelimit"], allocations_only=True)[0]
-              for a in attempts}
-    first = states[attempts[0]["slurm_job_id"]]
-    assert first["State"] == "TIMEOUT" and first["Timelimit"] == "00:01:00", states
+    assert attempts[-1]["outcome"] == "finished" and len(attempts) == 2, attempts
+    first, retry = (slurm_cluster.sacct(a["slurm_job_id"], ["JobID", "State", "Timelimit"], allocations_only=True)[0]
+                    for a in attempts)
+    assert first["JobID"] == str(jobid) and first["State"] == "TIMEOUT" and first["Timelimit"] == "00:01:00", first
+    assert retry["State"] == "COMPLETED" and retry["Timelimit"] == "01:00:00", retry
     # every batch of every epoch once, over the attempts
     steps_per_epoch = -(-(8000 - 500) // 128)  # .test data: 8,000 training images, 500 held out; batch 128
-    assert record["epochs"] == 16 and record["global_step"] == 16 * steps_per_epoch, record
+    assert record["epochs"] == 18 and record["global_step"] == 18 * steps_per_epoch, record
     assert sum(a["steps_trained"] for a in attempts) == record["global_step"], attempts
     with open(wf.path("results/runs/long/metrics.csv")) as fh:
         rows = list(csv.DictReader(fh))
-    assert [int(float(r["epoch"])) for r in rows if r.get("val_acc")] == list(range(16))
+    assert [int(float(r["epoch"])) for r in rows if r.get("val_acc")] == list(range(18))
     logged = [int(r["step"]) for r in rows if r.get("train_loss_step")]
     assert logged == sorted(set(logged)), "a step was logged twice"
 
