@@ -66,7 +66,7 @@ def dataset(name: str) -> Path:
         for f in FILES:
             with gzip.open(raw / f) as src, open(tv / f[:-3], "wb") as dst:
                 shutil.copyfileobj(src, dst)
-        prepare(raw, root)
+        prepare(raw, root / "train.npz", root / "test.npz")
     return root
 
 

@@ -34,12 +34,13 @@ GEOMETRIES = [
 
 def one(root, nodes, devices, threads, limit, tmp, tag):
     from mnistflow.config import RECIPE
+    from mnistflow.train import folder_args
 
     # One epoch of the default recipe: samples/s, not accuracy, is measured.
     run = {**RECIPE, "epochs": 1, "nodes": nodes, "devices": devices, "accelerator": "cpu", "name": "ddp"}
     out = Path(tmp) / f"{tag}_{nodes}x{devices}"
     cmd = [common.PYTHON, "-m", "mnistflow.train", "--run", "ddp", "--params", json.dumps(run), "--train-data",
-           str(root / "train.npz"), "--out", str(out), "--val-size", "5000", "--train-limit", str(limit), "--threads", str(threads)]
+           str(root / "train.npz"), *folder_args(out), "--val-size", "5000", "--train-limit", str(limit), "--threads", str(threads)]
     wall, _ = common.run(cmd, env=common.env_with_src())
     rec = json.loads((out / "train.json").read_text())
     return {"wall_s": round(wall, 2), "fit_s": rec["attempts"][-1]["fit_s"], "train_s": rec["train_s"], "samples_per_s": rec["samples_per_s"],

@@ -29,12 +29,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 from mnistflow.config import RECIPE, RUNTIME  # noqa: E402
+from mnistflow.train import folder_args  # noqa: E402
 
 
 def ours(root: Path, out: Path, val_size: int, limit: int, threads: int) -> tuple[float, float]:
     run = {**RECIPE, "nodes": 1, "devices": 1, "accelerator": "cpu"}
     cmd = [common.PYTHON, "-m", "mnistflow.train", "--run", "default", "--params", json.dumps(run),
-           "--train-data", str(root / "train.npz"), "--out", str(out), "--val-size", str(val_size),
+           "--train-data", str(root / "train.npz"), *folder_args(out), "--val-size", str(val_size),
            "--train-limit", str(limit), "--threads", str(threads), "--loggers", ",".join(RUNTIME["loggers"]),
            "--checkpoint-every-s", "600", "--progress-every-s", "60"]
     wall, _ = common.run(cmd, env=common.env_with_src())

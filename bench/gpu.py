@@ -273,6 +273,7 @@ if os.environ.get("MNISTFLOW_BENCH_PG_BACKEND"):
 
 def train_entry(args, device, tmp, name, nodes, precision, backend=None, timeout=150, overrides=None):
     from mnistflow.config import RECIPE
+    from mnistflow.train import folder_args
     from mnistflow.evaluate import load_model, predict
     from mnistflow.data import load_split
 
@@ -288,7 +289,7 @@ def train_entry(args, device, tmp, name, nodes, precision, backend=None, timeout
         env["PYTHONPATH"] = f"{site}:{env['PYTHONPATH']}"
         env["MNISTFLOW_BENCH_PG_BACKEND"] = backend
     cmd = [sys.executable, "-m", "mnistflow.train", "--run", name, "--params", json.dumps(run),
-           "--train-data", str(args.data / "train.npz"), "--out", str(out), "--val-size", "500",
+           "--train-data", str(args.data / "train.npz"), *folder_args(out), "--val-size", "500",
            "--threads", str(min(4, os.cpu_count() or 1))] + (["--train-limit", "1000"] if args.tiny else [])
     rec = {"run": name, "nodes": nodes, "devices": 1, "accelerator": accel, "precision": precision, "overrides": overrides or {},
            "process_group_backend": backend or "not forced (train.py: nccl; gloo when ranks share a GPU)"}
@@ -357,7 +358,7 @@ def main(argv=None):
     if not (args.data / "test.npz").exists():
         from mnistflow.data import prepare
 
-        prepare(args.data / "raw", args.data)
+        prepare(args.data / "raw", args.data / "train.npz", args.data / "test.npz")
     source = args.data / "source.txt"
     RESULT["data"] = source.read_text().strip() if source.exists() else str(args.data)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")

@@ -50,11 +50,12 @@ def test_accuracy(model_ckpt, test_npz) -> tuple[float, float]:
 
 def ours(root: Path, name: str, settings: dict, threads: int, tmp: Path) -> dict:
     from mnistflow.config import RECIPE
+    from mnistflow.train import folder_args
 
     run = {**RECIPE, **settings, "name": "tta"}
     out = tmp / f"{name}_{abs(hash(json.dumps(run, sort_keys=True)))}"
     cmd = [common.PYTHON, "-m", "mnistflow.train", "--run", "tta", "--params", json.dumps(run, sort_keys=True),
-           "--train-data", str(root / "train.npz"), "--out", str(out), "--val-size", str(VAL_SIZE[name]),
+           "--train-data", str(root / "train.npz"), *folder_args(out), "--val-size", str(VAL_SIZE[name]),
            "--train-limit", "0", "--threads", str(threads)]
     wall, _ = common.run(cmd, env=common.env_with_src())
     acc, eval_s = test_accuracy(out / "model.ckpt", root / "test.npz")

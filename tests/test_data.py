@@ -182,7 +182,7 @@ def test_fashion_mnist_from_debian_passes_torchvision_checksums(tmp_path):
 
 
 def test_prepare_writes_one_array_file_per_split(tmp_path, mirror):
-    counts = data.prepare(mirror.directory, tmp_path)
+    counts = data.prepare(mirror.directory, tmp_path / "train.npz", tmp_path / "test.npz")
     assert counts == {"train": 8000, "test": 2000}
     images, labels = data.load_split(tmp_path / "train.npz")
     assert images.shape == (8000, 28, 28) and images.dtype == torch.uint8 and labels.dtype == torch.int64
@@ -193,16 +193,16 @@ def test_prepare_writes_one_array_file_per_split(tmp_path, mirror):
 
 def test_prepare_is_byte_identical_when_rerun(tmp_path, mirror):
     """Checkpoints are tied to the training file's MD5: preparing the same data again must keep it."""
-    data.prepare(mirror.directory, tmp_path / "a")
+    data.prepare(mirror.directory, tmp_path / "a" / "train.npz", tmp_path / "a" / "test.npz")
     time.sleep(2)  # zip entries store times to 2 s
-    data.prepare(mirror.directory, tmp_path / "b")
+    data.prepare(mirror.directory, tmp_path / "b" / "train.npz", tmp_path / "b" / "test.npz")
     for split in ("train.npz", "test.npz"):
         assert data.md5sum(tmp_path / "a" / split) == data.md5sum(tmp_path / "b" / split)
 
 
 def test_prepare_does_not_import_torch(tmp_path, mirror):
     code = ("import sys; from mnistflow.data import prepare; "
-            f"prepare({str(mirror.directory)!r}, {str(tmp_path)!r}); print('torch' in sys.modules)")
+            f"prepare({str(mirror.directory)!r}, {str(tmp_path / 'train.npz')!r}, {str(tmp_path / 'test.npz')!r}); print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": str(REPO / "src")}).stdout
     assert out.strip() == "False"

@@ -81,7 +81,7 @@ def test_batch_is_one_index():
 def test_datamodule_splits_and_batches(tmp_path, mirror):
     from mnistflow.data import prepare
 
-    prepare(mirror.directory, tmp_path)
+    prepare(mirror.directory, tmp_path / "train.npz", tmp_path / "test.npz")
     dm = MNISTDataModule(tmp_path / "train.npz", tmp_path / "test.npz", batch_size=64, val_size=500, train_limit=4000, seed=1)
     dm.setup("fit")
     assert len(dm.train_set) == 3500 and len(dm.val_set) == 500

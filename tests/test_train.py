@@ -11,20 +11,21 @@ import pytest
 
 from mnistflow.config import RECIPE
 from mnistflow.data import prepare
+from mnistflow.train import folder_args
 from tests.conftest import REPO
 
 
 @pytest.fixture(scope="module")
 def train_npz(mirror, tmp_path_factory):
     out = tmp_path_factory.mktemp("prepared")
-    prepare(mirror.directory, out)
+    prepare(mirror.directory, out / "train.npz", out / "test.npz")
     return out / "train.npz"
 
 
 def train(train_npz, out, env_extra=None, args=(), **settings):
     run = {**RECIPE, "name": "t", **settings}
     cmd = [sys.executable, "-m", "mnistflow.train", "--run", "t", "--params", json.dumps(run),
-           "--train-data", str(train_npz), "--out", str(out), "--val-size", "200", "--train-limit", "1200", "--threads", "2", *args]
+           "--train-data", str(train_npz), *folder_args(out), "--val-size", "200", "--train-limit", "1200", "--threads", "2", *args]
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), **(env_extra or {})}
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
 
@@ -47,7 +48,7 @@ def test_train_json_records_provenance(train_npz, tmp_path):
     env_record.write_text(json.dumps({"python": "3.x", "packages": {"torch": "x"}}))
     run = {**RECIPE, "name": "t", "model": "mlp"}
     cmd = [sys.executable, "-m", "mnistflow.train", "--run", "t", "--params", json.dumps(run), "--train-data", str(train_npz),
-           "--out", str(tmp_path / "p"), "--val-size", "200", "--train-limit", "600", "--threads", "1", "--env-record", str(env_record)]
+           *folder_args(tmp_path / "p"), "--val-size", "200", "--train-limit", "600", "--threads", "1", "--env-record", str(env_record)]
     result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO / "src")}, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     record = json.loads((tmp_path / "p" / "train.json").read_text())

@@ -275,16 +275,16 @@ def read_split(images_path: str | Path, labels_path: str | Path):
     return images, labels
 
 
-def prepare(raw_dir: str | Path, out_dir: str | Path) -> dict[str, int]:
-    """Turn the four IDX files into `train.npz` and `test.npz` (uint8 images, int64 labels).
+def prepare(raw_dir: str | Path, train: str | Path, test: str | Path) -> dict[str, int]:
+    """Turn the four IDX files into one array file per split (uint8 images, int64 labels).
 
     NumPy, not torch: the step then starts in 0.1 s instead of the 1.3 s of importing torch.
     """
-    raw_dir, out_dir = Path(raw_dir), Path(out_dir)
+    raw_dir, outputs = Path(raw_dir), {"train": train, "test": test}
     counts = {}
     for split, (images_name, labels_name) in SPLITS.items():
         images, labels = read_split(raw_dir / images_name, raw_dir / labels_name)
-        write_arrays(out_dir / f"{split}.npz", images=images, labels=labels)
+        write_arrays(outputs[split], images=images, labels=labels)
         counts[split] = len(labels)
     return counts
 
@@ -334,9 +334,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     dl.add_argument("--timeout", type=float, default=fetch_defaults["timeout_s"])
     dl.add_argument("--retries", type=int, default=fetch_defaults["retries"])
     dl.add_argument("--out", required=True, help="directory for the four files")
-    pr = sub.add_parser("prepare", help="IDX files -> train.npz / test.npz")
-    pr.add_argument("--raw", required=True)
-    pr.add_argument("--out", required=True)
+    pr = sub.add_parser("prepare", help="IDX files -> one array file (.npz) per split")
+    pr.add_argument("--raw", required=True, help="the folder of the four IDX files (as download writes them)")
+    pr.add_argument("--train", required=True)
+    pr.add_argument("--test", required=True)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
@@ -345,7 +346,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             used = download(source, args.out, timeout=args.timeout, retries=args.retries)
             log.info("sources: %s", json.dumps(used))
         else:
-            log.info("prepared %s", prepare(args.raw, args.out))
+            log.info("prepared %s", prepare(args.raw, args.train, args.test))
     except DataError as err:
         log.error("%s", err)
         return 1

@@ -1,9 +1,12 @@
 """Evaluation entry point: one process, the whole test split, every figure a report needs.
 
-    python -m mnistflow.evaluate --model model.ckpt --test-data test.npz --train-log metrics.csv --out DIR
+    python -m mnistflow.evaluate --model model.ckpt --test-data test.npz --train-log metrics.csv \
+        --metrics metrics.json --per-class per_class.csv --confusion-csv confusion_matrix.csv \
+        --confusion-png confusion_matrix.png --curves-png learning_curves.png
 
-Writes metrics.json (accuracy, loss, per-class precision and recall), per_class.csv,
-confusion_matrix.csv and .png, and learning_curves.png from the training log.
+Writes the scores (accuracy, loss, per-class precision and recall) as JSON, the per-class
+table and the confusion matrix as CSV, the confusion matrix and the learning curves (from
+the training log) as PNG, each to the path given.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import errno
 import io
 import logging
 import math
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Sequence
 
@@ -85,12 +89,20 @@ def scores(cm) -> dict:
     return {"accuracy": correct / total if total else 0.0, "samples": total, "per_class": per_class}
 
 
-def evaluate(model_path, test_data, train_log, out_dir, batch_size: int = EVAL_BATCH) -> dict:
+@dataclass(frozen=True)
+class EvaluationOutputs:
+    metrics: Path
+    per_class: Path
+    confusion_csv: Path
+    confusion_png: Path
+    curves_png: Path
+
+
+def evaluate(model_path, test_data, train_log, outputs: EvaluationOutputs, batch_size: int = EVAL_BATCH) -> dict:
     from torch.nn import functional as F
 
     from .data import load_split
 
-    out = Path(out_dir)
     images, labels = load_split(test_data)
     logits = predict(load_model(model_path), images, batch_size)
     predictions = logits.argmax(1)
@@ -99,11 +111,11 @@ def evaluate(model_path, test_data, train_log, out_dir, batch_size: int = EVAL_B
     result["loss"] = float(F.cross_entropy(logits, labels))
     result["model"] = str(model_path)
 
-    write_text(out / "confusion_matrix.csv", _csv([["true\\pred", *range(10)], *[[k, *row.tolist()] for k, row in enumerate(cm)]]))
-    write_text(out / "per_class.csv", _csv([["class", "support", "precision", "recall"], *[[c["class"], c["support"], f"{c['precision']:.4f}", f"{c['recall']:.4f}"] for c in result["per_class"]]]))
-    plot_confusion(cm, out / "confusion_matrix.png", result["accuracy"])
-    plot_learning_curves(train_log, out / "learning_curves.png")
-    write_json(out / "metrics.json", result)
+    write_text(outputs.confusion_csv, _csv([["true\\pred", *range(10)], *[[k, *row.tolist()] for k, row in enumerate(cm)]]))
+    write_text(outputs.per_class, _csv([["class", "support", "precision", "recall"], *[[c["class"], c["support"], f"{c['precision']:.4f}", f"{c['recall']:.4f}"] for c in result["per_class"]]]))
+    plot_confusion(cm, outputs.confusion_png, result["accuracy"])
+    plot_learning_curves(train_log, outputs.curves_png)
+    write_json(outputs.metrics, result)
     return result
 
 
@@ -166,7 +178,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--model", required=True)
     p.add_argument("--test-data", required=True, help="the prepared test split (test.npz)")
     p.add_argument("--train-log", required=True)
-    p.add_argument("--out", required=True)
+    for field in fields(EvaluationOutputs):
+        p.add_argument(f"--{field.name.replace('_', '-')}", required=True, type=Path)
     p.add_argument("--batch-size", type=int, default=EVAL_BATCH)
     p.add_argument("--threads", type=int, default=0)
     args = p.parse_args(argv)
@@ -176,7 +189,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         torch.set_num_threads(args.threads)
     try:
-        result = evaluate(args.model, args.test_data, args.train_log, args.out, args.batch_size)
+        outputs = EvaluationOutputs(**{field.name: getattr(args, field.name) for field in fields(EvaluationOutputs)})
+        result = evaluate(args.model, args.test_data, args.train_log, outputs, args.batch_size)
     except OSError as err:
         if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
             raise

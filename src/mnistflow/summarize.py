@@ -1,8 +1,11 @@
 """Summary entry point: one table (CSV and Markdown) and one chart comparing every run.
 
-    python -m mnistflow.summarize --runs NAME... --results results/runs --out DIR
+    python -m mnistflow.summarize --records train.json... --metrics metrics.json... \
+        --csv runs.csv --slurm-usage slurm_usage.csv --markdown runs.md --chart runs.png \
+        --page runs.html --sweeps-chart sweeps.png [--sweeps JSON]
 
-Reads each run's train.json (geometry, time, throughput) and metrics.json (test scores).
+Reads each run's train.json (geometry, time, throughput) and its metrics.json (test scores),
+given in the same order.
 For runs trained on Slurm it asks sacct what each training job was granted and used (a job
 cannot know that of itself while it runs): slurm_usage.csv, one row per job, and the
 totals per run in the table, so that requests can be sized by what runs used.
@@ -85,12 +88,15 @@ def slurm_usage(job_ids) -> list[dict]:
     return [jobs[j] for j in ids if j in jobs]
 
 
-def collect(runs, results_dir) -> tuple[list[dict], list[dict], dict]:
+def collect(record_paths, metrics_paths) -> tuple[list[dict], list[dict], dict]:
     """The run table's rows, each Slurm job's usage, and each run's (train.json, metrics.json)."""
+    if len(record_paths) != len(metrics_paths):
+        raise ValueError(f"{len(record_paths)} training records but {len(metrics_paths)} evaluations")
     rows, jobs_of, records = [], {}, {}
-    for name in runs:
-        train = json.loads((Path(results_dir) / name / "train.json").read_text())
-        metrics = json.loads((Path(results_dir) / name / "eval" / "metrics.json").read_text())
+    for record_path, metrics_path in zip(record_paths, metrics_paths):
+        train = json.loads(Path(record_path).read_text())
+        metrics = json.loads(Path(metrics_path).read_text())
+        name = train["run"]
         records[name] = (train, metrics)
         settings = train["settings"]
         rows.append({
@@ -220,19 +226,19 @@ def plot(rows, path) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m mnistflow.summarize", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--runs", nargs="+", required=True)
-    p.add_argument("--results", required=True, help="directory holding one folder per run")
-    p.add_argument("--out", required=True)
+    p.add_argument("--records", nargs="+", required=True, help="each run's train.json")
+    p.add_argument("--metrics", nargs="+", required=True, help="each run's evaluation (metrics.json), in the same order")
+    for name in ("csv", "slurm-usage", "markdown", "chart", "page", "sweeps-chart"):
+        p.add_argument(f"--{name}", required=True, type=Path)
     p.add_argument("--sweeps", default="{}", help="JSON: config's sweeps, {sweep: {grid: {key: [values]}}}")
     args = p.parse_args(argv)
-    rows, usage, records = collect(args.runs, args.results)
-    out = Path(args.out)
-    write_text(out / "runs.csv", to_csv(rows))
-    write_text(out / "slurm_usage.csv", to_csv(usage, USAGE_COLUMNS))
-    write_text(out / "runs.md", to_markdown(rows))
-    plot(rows, out / "runs.png")
-    write_text(out / "runs.html", to_html(rows, records))
-    plot_sweeps(rows, sweep_values({"sweeps": json.loads(args.sweeps)}), out / "sweeps.png")
+    rows, usage, records = collect(args.records, args.metrics)
+    write_text(args.csv, to_csv(rows))
+    write_text(args.slurm_usage, to_csv(usage, USAGE_COLUMNS))
+    write_text(args.markdown, to_markdown(rows))
+    plot(rows, args.chart)
+    write_text(args.page, to_html(rows, records))
+    plot_sweeps(rows, sweep_values({"sweeps": json.loads(args.sweeps)}), args.sweeps_chart)
     return 0
 
 

@@ -1,17 +1,20 @@
-"""Training entry point: `python -m mnistflow.train --run NAME --params JSON --train-data train.npz --out DIR`.
+"""Training entry point:
+
+    python -m mnistflow.train --run NAME --params JSON --train-data train.npz --state DIR \
+        --model model.ckpt --metrics metrics.csv --record train.json
 
 The same command serves every geometry. A distributed run re-launches itself as its
 processes (see launch.py); each process checks that what it was granted matches the
 geometry, builds the Trainer from the run's settings, resumes from
-`<out>/checkpoints/last.ckpt` when one of the same unfinished training exists (resume.py),
-and trains. Declared outputs are written atomically at the end, by rank 0:
+`<state>/checkpoints/last.ckpt` when one of the same unfinished training exists (resume.py),
+and trains. The outputs are written atomically at the end, by rank 0, each to the path given:
 
-    model.ckpt    the final checkpoint (weights and hyperparameters)
-    metrics.csv   the CSV logger's per-step and per-epoch log, over every attempt
-    train.json    settings, provenance, geometry, hosts, throughput, every attempt, final metrics
+    --model     the final checkpoint (weights and hyperparameters)
+    --metrics   the CSV logger's per-step and per-epoch log, over every attempt
+    --record    settings, provenance, geometry, hosts, throughput, every attempt, final metrics
 
-`<out>/checkpoints/` and `<out>/logs/` are not declared outputs, so a failed or
-preempted job keeps them and its rerun resumes. Once the outputs are written, the resume
+`<state>/checkpoints/` and `<state>/logs/` are not outputs (Snakemake's declared files), so
+a failed or preempted job keeps them and its rerun resumes. Once the outputs are written, the resume
 state is retired: a finished run never resumes.
 """
 
@@ -75,7 +78,10 @@ def parse_args(argv: Sequence[str] | None):
     p.add_argument("--run", required=True, help="run name (for records)")
     p.add_argument("--params", required=True, help="the run's resolved settings, as JSON")
     p.add_argument("--train-data", required=True, help="the prepared training split (train.npz)")
-    p.add_argument("--out", required=True, help="the run's output directory")
+    p.add_argument("--state", required=True, help="the run's folder for checkpoints/ and logs/, which a retry resumes from")
+    p.add_argument("--model", required=True, type=Path, help="the final checkpoint to write")
+    p.add_argument("--metrics", required=True, type=Path, help="the training log (CSV) to write")
+    p.add_argument("--record", required=True, type=Path, help="the run's record (JSON) to write")
     p.add_argument("--val-size", type=int, required=True, help="training images held out for validation (config dataset.val_size)")
     p.add_argument("--train-limit", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="CPUs granted each process on Slurm (--cpus-per-task; 0: SLURM_CPUS_PER_TASK, else all)")
@@ -104,6 +110,14 @@ def threads_per_process(requested: int, job_threads: int, world_size: int) -> in
     return requested
 
 
+def folder_args(folder) -> list[str]:
+    """The output and state arguments for a run kept in one folder as the workflow keeps it
+    (results/runs/<run>/): for benchmarks and tests that call this entry point directly."""
+    folder = Path(folder)
+    return ["--state", str(folder), "--model", str(folder / "model.ckpt"),
+            "--metrics", str(folder / "metrics.csv"), "--record", str(folder / "train.json")]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
@@ -126,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signals.install()  # from here on a stop signal is remembered, not fatal
     identity = run_identity(run, args.train_data, args.val_size, args.train_limit)
     # On record before torch is imported, so that an attempt killed at any point shows.
-    attempt = Attempt(Path(args.out) / "logs", identity) if is_first_process() else None
+    attempt = Attempt(Path(args.state) / "logs", identity) if is_first_process() else None
     if attempt:
         attempt.begin()
     try:
@@ -135,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if err.errno not in DISK_FULL:
             _record_failure(attempt, err)
             raise
-        last = Path(args.out) / "checkpoints" / "last.ckpt"
+        last = Path(args.state) / "checkpoints" / "last.ckpt"
         log.error("disk full: %s (%s). Every write is atomic, so no output is half-written and %s; "
                   "free space and rerun to resume", err.strerror, " -> ".join(filter(None, (err.filename, err.filename2))),
                   f"{last} (the last finished epoch) is intact" if last.exists() else f"no checkpoint was written yet ({last})")
@@ -207,10 +221,10 @@ def train(args, run: dict, geometry: Geometry, granted: dict, threads: int, iden
     from .model import MNISTClassifier
 
     torch.set_num_threads(threads)
-    out = Path(args.out)
-    ckpt_dir = out / "checkpoints"
+    state = Path(args.state)
+    ckpt_dir = state / "checkpoints"
     last = ckpt_dir / "last.ckpt"
-    log_dir = out / "logs"
+    log_dir = state / "logs"
     resume = usable_checkpoint(last, identity, log_dir)
     if attempt:  # again: a set-aside takes the logs, with this attempt's line, along
         attempt.begin(resumed_from=str(resume) if resume else None)
@@ -256,11 +270,11 @@ def train(args, run: dict, geometry: Geometry, granted: dict, threads: int, iden
         **trainer_kwargs,
         max_epochs=run["epochs"],
         precision=run["precision"],
-        default_root_dir=out,
+        default_root_dir=state,
         # Both in logs/: a resumed attempt continues the same TensorBoard run, and a finished
         # run's logs move to logs.finished/ with its CSV log.
-        logger=[CSVLogger(save_dir=out, name="logs", version="")]
-        + ([TensorBoardLogger(save_dir=out, name="logs", version="", default_hp_metric=False)]
+        logger=[CSVLogger(save_dir=state, name="logs", version="")]
+        + ([TensorBoardLogger(save_dir=state, name="logs", version="", default_hp_metric=False)]
            if "tensorboard" in args.loggers.split(",") else []),
         # `last.ckpt`, replaced at every epoch end (save_last alone would only write it when
         # a top-k checkpoint is saved too, i.e. at the end of fit).
@@ -304,10 +318,10 @@ def train(args, run: dict, geometry: Geometry, granted: dict, threads: int, iden
     ranks = _gather(trainer, (f"{host_name()}/node{trainer.node_rank}/rank{trainer.global_rank}", torch.get_num_threads()))
     hosts, threads_by_rank = [host for host, _ in ranks], [n for _, n in ranks]
     # save_checkpoint is collective: every rank calls it, rank 0 writes (atomically).
-    trainer.save_checkpoint(out / "model.ckpt", weights_only=False)
+    trainer.save_checkpoint(args.model, weights_only=False)
     if attempt:
         attempt.end("finished", **attempt_figures(fit_s))
-        write_text(out / "metrics.csv", merge_logs(sorted(log_dir.glob("metrics*.csv"), key=log_order)))
+        write_text(args.metrics, merge_logs(sorted(log_dir.glob("metrics*.csv"), key=log_order)))
         attempts = attempt.all()
         record = {
             "run": args.run,
@@ -338,8 +352,8 @@ def train(args, run: dict, geometry: Geometry, granted: dict, threads: int, iden
             "provenance": provenance(args.env_record, identity),
             "attempts": attempts,
         }
-        write_json(out / "train.json", record)
-        retire_resume_state(out)
+        write_json(args.record, record)
+        retire_resume_state(state)
         log.info("trained %s: %s samples/s over %d process(es)", args.run, record["samples_per_s"], trainer.world_size)
     return 0
 

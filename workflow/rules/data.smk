@@ -47,6 +47,6 @@ rule prepare:
         code=code_digest("mnistflow.data"),
         packages=versions_imported_by("mnistflow.data"),
         raw=lambda wildcards, input: directory_of(input),
-        out=lambda wildcards, output: directory_of(output),
     shell:
-        "python -m mnistflow.data prepare --raw {params.raw} --out {params.out} > {log} 2>&1"
+        "python -m mnistflow.data prepare --raw {params.raw}"
+        " --train {output.train} --test {output.test} > {log} 2>&1"

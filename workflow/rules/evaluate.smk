@@ -37,8 +37,8 @@ rule evaluate:
         code=code_digest("mnistflow.evaluate"),
         packages=versions_imported_by("mnistflow.evaluate"),
         batch_size=config["evaluate"]["batch_size"],
-        out=lambda wildcards, output: directory_of(output.metrics),
     shell:
         "python -m mnistflow.evaluate --model {input.model} --test-data {input.test}"
-        " --train-log {input.log_csv} --out {params.out}"
-        " --batch-size {params.batch_size} --threads {threads} > {log} 2>&1"
+        " --train-log {input.log_csv} --metrics {output.metrics} --per-class {output.per_class}"
+        " --confusion-csv {output.confusion_csv} --confusion-png {output.confusion}"
+        " --curves-png {output.curves} --batch-size {params.batch_size} --threads {threads} > {log} 2>&1"

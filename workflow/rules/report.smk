@@ -40,12 +40,11 @@ rule summarize:
     params:
         code=code_digest("mnistflow.summarize"),
         packages=versions_imported_by("mnistflow.summarize"),
-        runs=list(RUNS),
         sweeps=json.dumps(
             {name: {"grid": spec["grid"]} for name, spec in config["sweeps"].items()}
         ),
-        results=lambda wildcards, input: os.path.dirname(directory_of(input.records)),
-        out=lambda wildcards, output: directory_of(output.csv),
     shell:
-        "python -m mnistflow.summarize --runs {params.runs} --results {params.results}"
-        " --out {params.out} --sweeps {params.sweeps:q} > {log} 2>&1"
+        "python -m mnistflow.summarize --records {input.records} --metrics {input.metrics}"
+        " --csv {output.csv} --slurm-usage {output.slurm_usage} --markdown {output.markdown}"
+        " --chart {output.chart} --page {output.page} --sweeps-chart {output.sweeps}"
+        " --sweeps {params.sweeps:q} > {log} 2>&1"

@@ -1,26 +1,9 @@
-TRAIN_INPUT = dict(
-    train=rules.prepare.output.train,
-    environment=rules.environment.output,
-)
+# Both training rules' outputs. Later rules name them through this dict, as plain patterns:
+# `rules.train.output` would tie them to `train` alone, and a DDP run's files to two rules.
 TRAIN_OUTPUT = dict(
     model="results/runs/{run}/model.ckpt",
     log_csv="results/runs/{run}/metrics.csv",
     record="results/runs/{run}/train.json",
-)
-TRAIN_PARAMS = dict(
-    settings=run_settings,
-    code=code_digest("mnistflow.train"),
-    out=lambda wildcards, output: directory_of(output.model),
-    val_size=config["dataset"]["val_size"],
-    train_limit=config["dataset"]["train_limit"],
-)
-TRAIN_SHELL = (
-    "python -m mnistflow.train --run {wildcards.run} --params {params.settings:q}"
-    " --train-data {input.train} --out {params.out} --val-size {params.val_size}"
-    " --train-limit {params.train_limit} --threads {resources.cpus_per_task} --job-threads {threads}"
-    " --checkpoint-every-s {resources.checkpoint_every_s} --progress-every-s {resources.progress_every_s}"
-    " --loggers {resources.loggers}"
-    " --env-record {input.environment} > {log} 2>&1"
 )
 # Runtime settings of both training rules, not params: they change when a run is saved or
 # how Slurm warns it or what it logs, never what it computes, so changing them reruns nothing. Override
@@ -41,7 +24,10 @@ TRAIN_RUNTIME = dict(
 
 # Every run can be trained by `train`; the distributed ones go to `train_ddp`, whose
 # constraint lists only them. (A constraint listing every single-process run would be
-# formatted into each of their paths: seconds of planning in a big sweep.)
+# formatted into each of their paths: seconds of planning in a big sweep.) Two rules, not
+# one, because the Slurm plugin submits a rule's ready jobs as one job array: a sweep's
+# single-process runs make one array and its DDP runs, which ask Slurm for another shape,
+# another.
 ruleorder: train_ddp > train
 
 
@@ -53,7 +39,8 @@ onstart:
 rule train:
     """One process on one device (a GPU when there is one)."""
     input:
-        **TRAIN_INPUT,
+        train=rules.prepare.output.train,
+        environment=rules.environment.output,
     output:
         **TRAIN_OUTPUT,
     log:
@@ -72,28 +59,26 @@ rule train:
         mem_mb=run_value("mem_mb_per_process"),
         gres=slurm_resource("gres", ""),
     params:
-        **TRAIN_PARAMS,
+        settings=run_settings,
+        code=code_digest("mnistflow.train"),
+        # checkpoints/ and logs/: what a retry resumes from, kept beside the outputs
+        state=lambda wildcards, output: directory_of(output.model),
+        val_size=config["dataset"]["val_size"],
+        train_limit=config["dataset"]["train_limit"],
     shell:
-        TRAIN_SHELL
+        "python -m mnistflow.train --run {wildcards.run} --params {params.settings:q}"
+        " --train-data {input.train} --env-record {input.environment}"
+        " --model {output.model} --metrics {output.log_csv} --record {output.record}"
+        " --state {params.state} --val-size {params.val_size} --train-limit {params.train_limit}"
+        " --threads {resources.cpus_per_task} --job-threads {threads}"
+        " --checkpoint-every-s {resources.checkpoint_every_s} --progress-every-s {resources.progress_every_s}"
+        " --loggers {resources.loggers} > {log} 2>&1"
 
 
-rule train_ddp:
-    """nodes x devices processes under DDP: srun on Slurm, real node processes locally."""
-    input:
-        **TRAIN_INPUT,
-    output:
-        **TRAIN_OUTPUT,
-    log:
-        "results/logs/train/{run}.log",
-    benchmark:
-        "results/benchmarks/train/{run}.tsv"
+# nodes x devices processes under DDP: srun on Slurm, real node processes locally.
+use rule train as train_ddp with:
     wildcard_constraints:
         run=runs_where(distributed=True),
-    conda:
-        software_env("torch")
-    envmodules:
-        *ENV_MODULES,
-    threads: training_threads
     resources:
         **TRAIN_RUNTIME,
         nodes=slurm_resource("nodes"),
@@ -104,7 +89,3 @@ rule train_ddp:
         gres=slurm_resource("gres", ""),
         cpus_per_task=run_value("cpus_per_process"),
         mem_mb_per_cpu=ddp_mem_mb_per_cpu,
-    params:
-        **TRAIN_PARAMS,
-    shell:
-        TRAIN_SHELL
