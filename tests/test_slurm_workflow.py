@@ -168,17 +168,17 @@ def _running_train_job(cluster, wf):
 
 INTERRUPTIONS = {
     "usr1": ["scancel", "--signal=USR1"],  # what the rule's --signal=USR1@90 sends before the time limit
-    "term": ["scancel", "--signal=TERM"],  # what Slurm sends at the time limit and on preemption
     "requeue": ["scontrol", "requeue"],  # the job's processes are ended and the same job starts again
 }
 SINGLE, DDP = {"nodes": 1, "devices": 1}, {"nodes": 2, "devices": 1}
 
 
-# SIGTERM in one process: at a real time limit, in the test after this one. USR1 in one
-# process: tests/test_faults.py (the same handler; on Slurm, usr1-ddp sends it).
+# SIGTERM on Slurm: at a real time limit, in the test after this one (and under DDP locally,
+# tests/test_rerun.py, bit for bit). `scancel --signal=TERM` would reach the ranks as
+# --signal=USR1 does here, into the same handler. USR1 in one process: tests/test_faults.py.
 @pytest.mark.parametrize("interruption, geometry", [
-    ("usr1", DDP), ("term", DDP), ("requeue", SINGLE),
-], ids=["usr1-ddp", "term-ddp", "requeue-single"])
+    ("usr1", DDP), ("requeue", SINGLE),
+], ids=["usr1-ddp", "requeue-single"])
 def test_interrupted_training_resumes_to_the_uninterrupted_weights(slurm_cluster, tmp_path_factory, mirror, interruption, geometry):
     """A signal or a requeue mid-run: every rank saves a mid-epoch checkpoint and stops, the
     retry (or the requeued job) resumes at the next batch, and the run ends with the weights of
@@ -225,8 +225,7 @@ def test_interrupted_training_resumes_to_the_uninterrupted_weights(slurm_cluster
         assert int(slurm_cluster.scontrol_show_job(jobid)["Restarts"]) == 1
         assert attempts[-1]["slurm_job_id"] == str(jobid) and attempts[0]["outcome"] != "finished", attempts
     else:
-        name = {"usr1": "SIGUSR1", "term": "SIGTERM"}[interruption]
-        assert attempts[0]["outcome"].startswith(f"preempted: {name} received; stopped after saving epoch"), attempts
+        assert attempts[0]["outcome"].startswith("preempted: SIGUSR1 received; stopped after saving epoch"), attempts
         assert len(slurm_jobs(wf)["train/long" if geometry == SINGLE else "train_ddp/long"]) == 2, slurm_jobs(wf)
 
 
