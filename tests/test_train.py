@@ -78,9 +78,18 @@ def test_progress_within_long_epochs_every_interval(train_npz, tmp_path):
 
     result = train(train_npz, tmp_path, args=("--progress-every-s", "0.05", "--loggers", "csv"), epochs=2, model="cnn")
     assert result.returncode == 0, result.stderr[-3000:]
-    within = re.findall(r"epoch ([12])/2 batch (\d+)/8 \(step (\d+)\): train_loss [\d.]+; \d+ samples/s; "
+    within = re.findall(r"epoch ([12])/2 batch (\d+)/8 \(step (\d+)\): train_loss ([\d.]+); \d+ samples/s; "
                         r"elapsed \d+:\d\d:\d\d, about \d+:\d\d:\d\d left", result.stderr)
-    assert within and {epoch for epoch, _, _ in within} == {"1", "2"}, result.stderr[-3000:]
-    assert all(int(step) == (int(epoch) - 1) * 8 + int(batch) for epoch, batch, step in within)
+    assert within and {epoch for epoch, _, _, _ in within} == {"1", "2"}, result.stderr[-3000:]
+    assert all(int(step) == (int(epoch) - 1) * 8 + int(batch) for epoch, batch, step, _ in within)
+    # each line's loss is its own step's: where metrics.csv logged the step (every 10), they agree
+    import csv
+
+    with open(tmp_path / "metrics.csv") as fh:
+        logged = {int(r["step"]) + 1: float(r["train_loss_step"]) for r in csv.DictReader(fh) if r["train_loss_step"]}
+    shown = {int(step): float(loss) for _, _, step, loss in within}
+    assert set(logged) & set(shown), (logged, shown)
+    assert all(abs(shown[step] - logged[step]) < 1e-4 for step in set(logged) & set(shown)), (logged, shown)
+    assert len(set(shown.values())) > len(shown) // 2, shown  # not one stale value repeated
     assert len(re.findall(r"epoch [12]/2 done", result.stderr)) == 2
     assert not list(tmp_path.rglob("events.out.tfevents.*"))

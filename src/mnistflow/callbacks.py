@@ -154,8 +154,9 @@ def _clock(seconds: float) -> str:
 def make_progress_callback(throughput, every_s: float):
     """Rank 0's progress in the job's log: a line at each epoch's end, and every `every_s`
     seconds within an epoch (0: epoch ends only), so `tail -f` of a job's log shows where a
-    run is and how long it has left. The figures are those metrics.csv records; samples/s is
-    over every process since the run's first epoch (the throughput callback's counts)."""
+    run is and how long it has left. The epoch lines' figures are those metrics.csv records,
+    a line within an epoch has that step's loss (rank 0's); samples/s is over every process
+    since the run's first epoch (the throughput callback's counts)."""
     import pytorch_lightning as pl
 
     class Progress(pl.Callback):
@@ -167,7 +168,8 @@ def make_progress_callback(throughput, every_s: float):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             if every_s <= 0 or not trainer.is_global_zero or time.monotonic() - self._said < every_s:
                 return
-            loss = trainer.callback_metrics.get("train_loss_step")
+            # this step's loss, as training_step returned it (the logged one is every 10 steps')
+            loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
             where = f"batch {batch_idx + 1}/{trainer.num_training_batches}"
             self._say(trainer, where, f"train_loss {float(loss):.4f}" if loss is not None else "")
 
