@@ -171,8 +171,6 @@ def plot_learning_curves(train_log, path) -> None:
     save_png(fig, path)
 
 
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m mnistflow.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True)

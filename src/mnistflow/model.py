@@ -42,9 +42,10 @@ class MNISTClassifier(pl.LightningModule):
         loss = F.cross_entropy(self(x), y)
         self.train_loss_mean.update(loss.detach(), weight=len(y))
         # self.log is costly per call (bench/README.md, "Per-step overhead"), so each value is
-        # logged when the loggers take it: the step loss every log_every_n_steps steps (this process's value),
-        # the epoch mean once, at the epoch's last batch (averaged over processes by
-        # torchmetrics at the epoch's end; a collective every step would stall DDP).
+        # logged when the loggers take it: the step loss (this process's) every
+        # log_every_n_steps steps, the epoch mean once, at the epoch's last batch (averaged
+        # over processes by torchmetrics at the epoch's end; a collective every step would
+        # stall DDP).
         every = self.trainer.log_every_n_steps
         if every and (self.global_step + 1) % every == 0:
             self.log("train_loss_step", loss, on_step=True, on_epoch=False, batch_size=len(y))

@@ -78,7 +78,7 @@ def parse_args(argv: Sequence[str] | None):
     p.add_argument("--run", required=True, help="run name (for records)")
     p.add_argument("--params", required=True, help="the run's resolved settings, as JSON")
     p.add_argument("--train-data", required=True, help="the prepared training split (train.npz)")
-    p.add_argument("--state", required=True, help="the run's folder for checkpoints/ and logs/, which a retry resumes from")
+    p.add_argument("--state", required=True, type=Path, help="the run's folder for checkpoints/ and logs/, which a retry resumes from")
     p.add_argument("--model", required=True, type=Path, help="the final checkpoint to write")
     p.add_argument("--metrics", required=True, type=Path, help="the training log (CSV) to write")
     p.add_argument("--record", required=True, type=Path, help="the run's record (JSON) to write")
@@ -140,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signals.install()  # from here on a stop signal is remembered, not fatal
     identity = run_identity(run, args.train_data, args.val_size, args.train_limit)
     # On record before torch is imported, so that an attempt killed at any point shows.
-    attempt = Attempt(Path(args.state) / "logs", identity) if is_first_process() else None
+    attempt = Attempt(args.state / "logs", identity) if is_first_process() else None
     if attempt:
         attempt.begin()
     try:
@@ -149,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if err.errno not in DISK_FULL:
             _record_failure(attempt, err)
             raise
-        last = Path(args.state) / "checkpoints" / "last.ckpt"
+        last = args.state / "checkpoints" / "last.ckpt"
         log.error("disk full: %s (%s). Every write is atomic, so no output is half-written and %s; "
                   "free space and rerun to resume", err.strerror, " -> ".join(filter(None, (err.filename, err.filename2))),
                   f"{last} (the last finished epoch) is intact" if last.exists() else f"no checkpoint was written yet ({last})")
@@ -221,7 +221,7 @@ def train(args, run: dict, geometry: Geometry, granted: dict, threads: int, iden
     from .model import MNISTClassifier
 
     torch.set_num_threads(threads)
-    state = Path(args.state)
+    state = args.state
     ckpt_dir = state / "checkpoints"
     last = ckpt_dir / "last.ckpt"
     log_dir = state / "logs"
