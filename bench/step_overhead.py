@@ -49,16 +49,17 @@ BATCH = 16
 VAL_SIZE = 5000
 SETTINGS = {**RECIPE, "model": "mlp", "batch_size": BATCH, "epochs": 1, "nodes": 1, "devices": 1,
             "accelerator": "cpu", "name": "overhead"}
-# Where a step's time goes, by these names in the profile (cumulative seconds / steps).
+# Where a step's time goes: each place is a function in the profile, by its file's name
+# (cumulative seconds / steps).
 PLACES = {
-    "training_step (forward, loss, self.log)": "model.py:*(training_step)",
-    "self.log": "module.py:*(log)",
-    "backward": "_tensor.py:*(backward)",
-    "optimizer step (with its closure)": "optimizer.py:*(step)",
-    "the loader's next batch": "fetch.py:*(fetch)",
-    "callbacks' on_train_batch_end": "call.py:*(_call_callback_hooks)",
-    "loggers (log_metrics, save)": "logger_connector.py:*(update_train_step_metrics)",
-    "the LR scheduler step": "lr_scheduler.py:*(step)",
+    "training_step (forward, loss, self.log)": ("model.py", "training_step"),
+    "self.log": ("module.py", "log"),
+    "backward": ("_tensor.py", "backward"),
+    "optimizer step (with its closure)": ("optimizer.py", "step"),
+    "the loader's next batch": ("fetch.py", "fetch"),
+    "callback hooks (every hook, through Lightning's dispatch)": ("call.py", "_call_callback_hooks"),
+    "loggers (log_metrics, save)": ("logger_connector.py", "update_train_step_metrics"),
+    "the LR scheduler step": ("lr_scheduler.py", "step"),
 }
 
 
@@ -109,9 +110,8 @@ def where_it_goes(stats: pstats.Stats, steps: int) -> dict:
     """Cumulative microseconds per step of each place, matched by file and function name."""
     found = {}
     for (filename, _, name), (_, _, _, cumulative, _) in stats.stats.items():
-        for place, pattern in PLACES.items():
-            file_part, func = pattern.split(":*(")
-            if filename.endswith(file_part) and name == func.rstrip(")"):
+        for place, (file_suffix, function) in PLACES.items():
+            if filename.endswith(file_suffix) and name == function:
                 found[place] = max(found.get(place, 0.0), cumulative * 1e6 / steps)
     return {place: round(found.get(place, 0.0), 1) for place in PLACES}
 
@@ -163,7 +163,8 @@ def main() -> None:
         ]),
         "",
         "Where ours spends a step, under cProfile (which slows Python calls: compare the places, "
-        "not these with the timings above; cumulative, so nested places overlap):",
+        "not these with the timings above). Cumulative over the whole fit, validation included, "
+        "divided by the training steps; nested places overlap:",
         "",
         common.table(["place", "µs / step"], rows),
         "",
