@@ -22,7 +22,7 @@ import common  # noqa: E402
 
 # name -> extra arguments for the full run. Order: cheapest data first.
 BENCHMARKS = {
-    "default_recipe": [],
+    "default_recipe": ["--repeats", "5"],
     "step_overhead": ["--repeats", "5"],
     "throughput": [],
     "time_to_accuracy": [],
@@ -52,11 +52,13 @@ def headline() -> list[str]:
         t = json.loads((r / "default_recipe.json").read_text())
         out.append(f"- The default recipe, `python -m mnistflow.train` against the same recipe by hand: training samples/s "
                    f"**default_ours_over_bare = {t['default_ours_over_bare']}** (target >= 0.95), whole process "
-                   f"**default_process_ratio = {t['default_process_ratio']}** (target <= 1.2)")
+                   f"**default_process_ratio = {t['default_process_ratio']}** (target <= 1.2)"
+                   + (f"; in lockstep in one process, **{t['default_ours_over_bare_lockstep']}**" if "default_ours_over_bare_lockstep" in t else ""))
     if (r / "step_overhead.json").exists():
         t = json.loads((r / "step_overhead.json").read_text())
         out.append(f"- Per-step overhead (the MLP at batch {t['batch_size']}): ours {t['ours_us_per_step_median']:,.0f} µs a step, "
-                   f"by hand {t['handwritten_us_per_step_median']:,.0f}: **step_overhead_us = {t['step_overhead_us']}** (target <= 300)")
+                   f"by hand {t['handwritten_us_per_step_median']:,.0f}, in lockstep: **step_overhead_us = {t['step_overhead_us']}** (target <= 300)"
+                   + (f"; Lightning alone {t['ladder']['Lightning alone']['overhead_us']:,.0f}" if "ladder" in t else ""))
     if (r / "throughput.json").exists():
         t = json.loads((r / "throughput.json").read_text())
         s = t.get("lockstep_samples_per_s", t["samples_per_s"])

@@ -1,22 +1,29 @@
 """Per-step overhead of the training entry point, against a hand-written loop (issue 16, item 2).
 
 A tiny network (the MLP, 784-256-10) at a small batch (16), where a step's arithmetic is a
-fraction of its time and what is left is overhead. Both sides train one epoch of the
-default recipe's optimiser and schedule (AdamW + one-cycle) on Fashion-MNIST's 55,000
-training images, in this process, interleaved `--repeats` times:
+fraction of its time and what is left is overhead, on Fashion-MNIST's training images, the
+default recipe's optimiser and schedule (AdamW + one-cycle), one epoch, in lockstep
+(bench/lockstep.py): a hand-written step runs after each step of ours, in this process, and
+each of ours' steps is paired with the hand-written one beside it.
 
-* hand-written: the split in memory, normalised once, a fresh permutation each epoch,
-  batches by indexing, `zero_grad / forward / backward / step / scheduler step`;
-* ours: `mnistflow.train.main` as the workflow's train rule calls it (CSV and TensorBoard
-  loggers, last.ckpt at the epoch's end, progress, the stop-signal and resume callbacks),
-  timed by its own throughput callback (each epoch from its start to its last batch's end,
-  validation excluded), as the hand-written loop is timed.
+Ours is measured as a ladder, each rung in lockstep with the hand-written loop, so that
+each of the workflow's additions shows what it costs:
 
-Printed and recorded: microseconds per step of each (medians), ours minus hand-written, and
-a cProfile of one more run of ours: where the per-step time goes, by the functions that
-take it (cumulative per step).
+1. Lightning alone: a LightningModule with the network, its loss and the optimiser, a
+   Trainer with no logger, checkpoint or callback, a DataLoader over the in-memory split;
+2. the same with manual optimization (`automatic_optimization = False`, the
+   LightningOptimizer and `manual_backward`): what leaving the optimizer's closure gives;
+3. the workflow's LightningModule (mnistflow.model: the epoch's mean loss, the step loss
+   logged every 10 steps) in place of the bare one;
+4. with the loggers (CSV and TensorBoard);
+5. with the callbacks (last.ckpt, throughput, progress, save-and-stop, resume state);
+6. `mnistflow.train.main` as the workflow's train rule calls it (the data module, records).
 
-    PYTHONPATH=src .venv/bin/python bench/step_overhead.py [--repeats 3] [--limit 0]
+Recorded: for each rung, the medians over `--repeats` runs of the per-step medians and of
+the paired differences; `step_overhead_us` is rung 6's. Then a cProfile of one more run of
+the entry point: where the per-step time goes, by the functions that take it.
+
+    PYTHONPATH=src .venv/bin/python bench/step_overhead.py [--repeats 3] [--limit 16000]
 """
 
 from __future__ import annotations
@@ -25,24 +32,29 @@ import argparse
 import cProfile
 import io
 import json
+import logging
 import pstats
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+import lockstep  # noqa: E402
 
-import numpy as np  # noqa: E402
+import pytorch_lightning as pl  # noqa: E402
 import torch  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
 
+from mnistflow.callbacks import StopSignals, make_progress_callback, make_save_and_stop_callback, make_throughput_callback  # noqa: E402
 from mnistflow.config import RECIPE, RUNTIME  # noqa: E402
-from mnistflow.data import MEAN, STD  # noqa: E402
+from mnistflow.datamodule import MNISTDataModule, TensorSplit  # noqa: E402
+from mnistflow.model import MNISTClassifier  # noqa: E402
 from mnistflow.networks import MLP  # noqa: E402
-from mnistflow.train import folder_args  # noqa: E402
+from mnistflow.resume import resume_state_callback  # noqa: E402
+from mnistflow.train import folder_args, quiet_known_noise  # noqa: E402
 from mnistflow.train import main as train_main  # noqa: E402
 
 BATCH = 16
@@ -63,47 +75,110 @@ PLACES = {
 }
 
 
-def handwritten(train: Path, limit: int, threads: int) -> tuple[float, int]:
-    """Seconds and steps of one epoch, timed like ours: from the epoch's start to its last batch's end."""
-    torch.set_num_threads(threads)
-    torch.manual_seed(SETTINGS["seed"])
-    with np.load(train) as split:
-        images, labels = torch.from_numpy(split["images"]), torch.from_numpy(split["labels"])
-    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(SETTINGS["seed"]))
-    train_idx = order[VAL_SIZE:][:limit or None]
-    x = ((images[train_idx].float() / 255.0 - MEAN) / STD).unsqueeze(1)
-    y = labels[train_idx]
-    model = MLP()
-    steps = -(-len(y) // BATCH)
-    opt = torch.optim.AdamW(model.parameters(), lr=SETTINGS["lr"], weight_decay=SETTINGS["weight_decay"])
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=SETTINGS["lr"], total_steps=steps)
-    model.train()
-    t0 = time.perf_counter()
-    perm = torch.randperm(len(y))
-    for i in range(steps):
-        idx = perm[i * BATCH:(i + 1) * BATCH]
+class BareModule(pl.LightningModule):
+    """Lightning alone: the network, its loss, the recipe's optimiser and schedule."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = MLP()
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.parameters(), lr=SETTINGS["lr"], weight_decay=SETTINGS["weight_decay"])
+        onecycle = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=SETTINGS["lr"], total_steps=int(self.trainer.estimated_stepping_batches))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": onecycle, "interval": "step"}}
+
+
+class ManualModule(BareModule):
+    """The same with manual optimization: no closure, the optimizer stepped in training_step."""
+
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self.net(x), y)
+        opt = self.optimizers()
         opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(x[idx]), y[idx])
-        loss.backward()
+        self.manual_backward(loss)
         opt.step()
-        sched.step()
-    return time.perf_counter() - t0, steps
+        self.lr_schedulers().step()
+        return loss
 
 
-def ours(train: Path, limit: int, threads: int, tmp: Path, profile: cProfile.Profile | None = None) -> tuple[float, int]:
-    out = Path(tempfile.mkdtemp(dir=tmp))
-    argv = ["--run", "overhead", "--params", json.dumps(SETTINGS), "--train-data", str(train), *folder_args(out),
-            "--val-size", str(VAL_SIZE), "--train-limit", str(limit), "--threads", str(threads),
-            "--loggers", ",".join(RUNTIME["loggers"]), "--checkpoint-every-s", "600", "--progress-every-s", "60"]
-    if profile:
-        profile.enable()
-    code = train_main(argv)
-    if profile:
-        profile.disable()
-    assert code == 0, code
-    record = json.loads((out / "train.json").read_text())
-    # the throughput callback's seconds: each epoch from its start to its last batch's end
-    return record["train_s"], record["global_step"]
+class Ladder:
+    def __init__(self, train: Path, limit: int, threads: int, tmp: Path):
+        torch.set_num_threads(threads)
+        self.train, self.limit, self.threads, self.tmp = train, limit, threads, tmp
+        data = MNISTDataModule(train, batch_size=BATCH, val_size=VAL_SIZE, train_limit=limit and limit + VAL_SIZE,
+                               seed=SETTINGS["seed"])
+        data.setup("fit")
+        self.split = data.train_set
+        self.steps = -(-len(self.split) // BATCH)
+
+    def hand(self):
+        return lockstep.make_callback(lockstep.HandStep(MLP(), self.split.x, self.split.y, BATCH, SETTINGS["lr"],
+                                                        SETTINGS["weight_decay"], self.steps, seed=SETTINGS["seed"] + 1))
+
+    def loader(self):
+        return DataLoader(self.split, batch_size=BATCH, shuffle=True, collate_fn=lambda batch: batch)
+
+    def trainer(self, module, loggers=False, callbacks=False):
+        callback = self.hand()
+        out = Path(tempfile.mkdtemp(dir=self.tmp))
+        extra = {}
+        if loggers:
+            from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+
+            extra["logger"] = [CSVLogger(save_dir=out, name="logs", version=""),
+                               TensorBoardLogger(save_dir=out, name="logs", version="", default_hp_metric=False)]
+        if callbacks:
+            from pytorch_lightning.callbacks import ModelCheckpoint
+
+            throughput = make_throughput_callback()
+            extra["enable_checkpointing"] = True
+            extra["callbacks"] = [
+                ModelCheckpoint(dirpath=out / "checkpoints", filename="last", save_top_k=1, enable_version_counter=False),
+                throughput, make_progress_callback(throughput, 60),
+                make_save_and_stop_callback(StopSignals(()), out / "checkpoints" / "last.ckpt", 600, 10),
+                resume_state_callback({}, 1),
+            ]
+        torch.manual_seed(SETTINGS["seed"])
+        lockstep.run_trainer(module, self.loader(), callback, log_every_n_steps=10, **extra)
+        return callback.figures()
+
+    def entry_point(self, profile: cProfile.Profile | None = None):
+        """In lockstep; or, with `profile`, alone (no hand-written steps in its profile)."""
+        callback = self.hand()
+        out = Path(tempfile.mkdtemp(dir=self.tmp))
+        argv = ["--run", "overhead", "--params", json.dumps(SETTINGS), "--train-data", str(self.train), *folder_args(out),
+                "--val-size", str(VAL_SIZE), "--train-limit", str(self.limit and self.limit + VAL_SIZE),
+                "--threads", str(self.threads), "--loggers", ",".join(RUNTIME["loggers"]),
+                "--checkpoint-every-s", "600", "--progress-every-s", "60"]
+        if profile:
+            profile.enable()
+            code = train_main(argv)
+            profile.disable()
+        else:
+            code = lockstep.run_entry_point(argv, callback)
+        assert code == 0, code
+        return None if profile else callback.figures(), json.loads((out / "train.json").read_text())["global_step"]
+
+    def rungs(self):
+        model = lambda: MNISTClassifier(model="mlp", lr=SETTINGS["lr"])  # noqa: E731
+        return {
+            "Lightning alone": lambda: self.trainer(BareModule()),
+            "Lightning alone, manual optimization (not adopted)": lambda: self.trainer(ManualModule()),
+            "+ the workflow's LightningModule (epoch mean, logging)": lambda: self.trainer(model()),
+            "+ loggers (CSV, TensorBoard)": lambda: self.trainer(model(), loggers=True),
+            "+ callbacks (last.ckpt, throughput, progress, save-and-stop, resume state)":
+                lambda: self.trainer(model(), loggers=True, callbacks=True),
+            "mnistflow.train.main (+ the data module, records)": lambda: self.entry_point()[0],
+        }
 
 
 def where_it_goes(stats: pstats.Stats, steps: int) -> dict:
@@ -119,60 +194,72 @@ def where_it_goes(stats: pstats.Stats, steps: int) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--limit", type=int, default=0, help="training images (0: all 55,000)")
+    p.add_argument("--limit", type=int, default=16000, help="training images (0: all 55,000)")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     train = common.dataset("fashion") / "train.npz"
-    mine, theirs = [], []
+    quiet_known_noise()
+    logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
     with tempfile.TemporaryDirectory() as tmp:
+        ladder = Ladder(train, args.limit, args.threads, Path(tmp))
+        rungs = ladder.rungs()
+        runs = {name: [] for name in rungs}
+        next(iter(rungs.values()))()  # warm-up, not recorded: the first fit of a process pays one-off costs
         for _ in range(args.repeats):
-            seconds, steps = handwritten(train, args.limit, args.threads)
-            theirs.append(seconds / steps * 1e6)
-            seconds, steps = ours(train, args.limit, args.threads, Path(tmp))
-            mine.append(seconds / steps * 1e6)
+            for name, run in rungs.items():
+                runs[name].append(run())
         profile = cProfile.Profile()
-        _, steps = ours(train, args.limit, args.threads, Path(tmp), profile)
+        _, steps = ladder.entry_point(profile)
+    ladder_figures = {
+        name: {
+            "ours_us": round(statistics.median(r["ours_us"] for r in each), 1),
+            "handwritten_us": round(statistics.median(r["handwritten_us"] for r in each), 1),
+            "overhead_us": round(statistics.median(r["overhead_us"] for r in each), 1),
+            "each_overhead_us": [r["overhead_us"] for r in each],
+            "steps": each[0]["steps"],
+        }
+        for name, each in runs.items()
+    }
+    entry = ladder_figures[list(rungs)[-1]]
     stats = pstats.Stats(profile)
     places = where_it_goes(stats, steps)
     text = io.StringIO()
     stats.stream = text
     stats.sort_stats("tottime").print_stats(25)
     record = {
-        "machine": common.machine(),
-        "when": common.now(),
         "batch_size": BATCH,
         "network": "mlp",
-        "steps_per_run": steps,
+        "method": "lockstep (bench/lockstep.py): a hand-written step after each of ours, in one process; "
+                  "medians over the repeats of each run's per-step medians and paired differences",
         "repeats": args.repeats,
-        "handwritten_us_per_step": [round(v, 1) for v in theirs],
-        "ours_us_per_step": [round(v, 1) for v in mine],
-        "handwritten_us_per_step_median": round(statistics.median(theirs), 1),
-        "ours_us_per_step_median": round(statistics.median(mine), 1),
-        "step_overhead_us": round(statistics.median(mine) - statistics.median(theirs), 1),
+        "ladder": ladder_figures,
+        "handwritten_us_per_step_median": entry["handwritten_us"],
+        "ours_us_per_step_median": entry["ours_us"],
+        "step_overhead_us": entry["overhead_us"],
+        "profiled_steps": steps,
         "profiled_us_per_step_by_place": places,
     }
-    rows = [[place, f"{us:.1f}"] for place, us in places.items()]
     markdown = "\n".join([
-        f"Per-step overhead, MLP at batch {BATCH}, one epoch ({steps} steps), {args.repeats} interleaved runs each "
-        f"(medians; each run: {record['handwritten_us_per_step']} vs {record['ours_us_per_step']} µs).",
+        f"Per-step overhead, MLP at batch {BATCH}, one epoch ({entry['steps']} steps measured a run), in lockstep "
+        f"with a hand-written loop, {args.repeats} runs of each rung (medians; the paired difference is each of "
+        "ours' steps minus the hand-written step beside it).",
         "",
-        common.table(["", "µs / step"], [
-            ["hand-written loop", record["handwritten_us_per_step_median"]],
-            ["ours (mnistflow.train)", record["ours_us_per_step_median"]],
-            ["**ours minus hand-written**", f"**{record['step_overhead_us']}**"],
-        ]),
+        common.table(["rung", "ours µs / step", "by hand µs / step", "ours minus by hand (paired)", "each run"],
+                     [[name, f["ours_us"], f["handwritten_us"], f"**{f['overhead_us']}**" if name == list(rungs)[-1] else f["overhead_us"],
+                       ", ".join(f"{v:,.0f}" for v in f["each_overhead_us"])] for name, f in ladder_figures.items()]),
         "",
-        "Where ours spends a step, under cProfile (which slows Python calls: compare the places, "
-        "not these with the timings above). Cumulative over the whole fit, validation included, "
-        "divided by the training steps; nested places overlap:",
+        f"**step_overhead_us = {record['step_overhead_us']}** (the entry point's; target <= 300).",
         "",
-        common.table(["place", "µs / step"], rows),
+        "Where the entry point spends a step, in one more run on its own (no lockstep), under cProfile (which "
+        "slows Python calls: compare the places, not these with the timings above). Cumulative over the "
+        "whole fit, validation included, divided by the training steps; nested places overlap:",
+        "",
+        common.table(["place", "µs / step"], [[place, f"{us:.1f}"] for place, us in places.items()]),
         "",
         "```",
         "\n".join(text.getvalue().splitlines()[:45]),
         "```",
     ])
-    print(markdown)
     common.save("step_overhead", record, markdown)
 
 

@@ -59,12 +59,19 @@ def test_default_recipe_records_both_ratios_from_their_repeats(smoke):
     assert t["default_ours_over_bare"] == pytest.approx(row["ours_samples_per_s"] / row["handwritten_samples_per_s"], abs=2e-3)
     assert t["default_process_ratio"] == pytest.approx(statistics.median([row["ours_wall_s"] / row["handwritten_wall_s"]]), abs=2e-3)
     assert row["ours_wall_s"] > 0 and row["handwritten_wall_s"] > 0
+    paired = t["lockstep"]
+    assert paired["steps"] > 0 and paired["ours_us"] > 0 and paired["handwritten_us"] > 0
+    assert t["default_ours_over_bare_lockstep"] == pytest.approx(paired["ours_over_handwritten"], abs=1e-3)
 
 
-def test_step_overhead_is_ours_minus_by_hand_with_where_it_goes(smoke):
+def test_step_overhead_is_the_entry_points_rung_of_the_ladder_with_where_it_goes(smoke):
     t = record(smoke, "step_overhead")
-    assert t["step_overhead_us"] == pytest.approx(t["ours_us_per_step_median"] - t["handwritten_us_per_step_median"], abs=0.2)
-    assert t["ours_us_per_step_median"] > 0 and t["handwritten_us_per_step_median"] > 0
+    ladder = t["ladder"]
+    assert len(ladder) == 6 and list(ladder)[0] == "Lightning alone"
+    assert all(rung["ours_us"] > 0 and rung["handwritten_us"] > 0 and rung["steps"] > 0 for rung in ladder.values()), ladder
+    entry = ladder[list(ladder)[-1]]
+    assert list(ladder)[-1].startswith("mnistflow.train.main")
+    assert t["step_overhead_us"] == entry["overhead_us"] and t["ours_us_per_step_median"] == entry["ours_us"]
     places = t["profiled_us_per_step_by_place"]
     # every place was found in the profile of a real training run
     assert all(us > 0 for us in places.values()), places
