@@ -30,14 +30,23 @@ def train(train_npz, out, env_extra=None, args=(), **settings):
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
 
 
-def test_same_inputs_and_seed_give_the_same_metrics(train_npz, tmp_path):
+def test_same_inputs_and_seed_give_the_same_weights_and_metrics(train_npz, tmp_path):
+    """Also whatever malloc does: the second run is under the environment's own malloc setting,
+    which the entry point leaves alone, where the first has its own (keep_freed_memory, for
+    speed only)."""
+    import torch
+
     records = []
-    for attempt in ("a", "b"):
-        result = train(train_npz, tmp_path / attempt, seed=3)
+    for attempt, env in (("a", None), ("b", {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=131072"})):
+        result = train(train_npz, tmp_path / attempt, env_extra=env, seed=3)
         assert result.returncode == 0, result.stderr[-3000:]
         records.append(json.loads((tmp_path / attempt / "train.json").read_text()))
+    assert [r["malloc_keeps_freed_memory"] for r in records] == [True, False]
     assert records[0]["final"] == records[1]["final"]
     assert (tmp_path / "a" / "metrics.csv").read_text() == (tmp_path / "b" / "metrics.csv").read_text()
+    weights = [torch.load(tmp_path / attempt / "model.ckpt", weights_only=False)["state_dict"] for attempt in ("a", "b")]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     other = train(train_npz, tmp_path / "c", seed=4)
     assert other.returncode == 0
     assert json.loads((tmp_path / "c" / "train.json").read_text())["final"] != records[0]["final"]

@@ -110,6 +110,36 @@ def threads_per_process(requested: int, job_threads: int, world_size: int) -> in
     return requested
 
 
+# glibc's malloc settings (mallopt), kept unless the environment sets its own.
+MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+MMAP_THRESHOLD = 32 * 2**20  # glibc's ceiling for it on 64-bit
+TRIM_THRESHOLD = 2**31 - 1  # above any heap here: freed memory is never given back
+
+
+def keep_freed_memory() -> bool:
+    """Let glibc's malloc keep the memory a training step frees, for the next step.
+
+    By default glibc serves large requests (a batch's activations and gradients, megabytes
+    each) with fresh mmap()s and returns freed heap to the kernel, so each step faults its
+    buffers back in, page by page, in system time that on a CPU outweighs Lightning's own
+    per-step cost (bench/README.md, "Memory the steps free"). A fixed mmap threshold at
+    glibc's ceiling and a trim threshold above any heap here keep them in the heap; the
+    process holds its peak memory until it exits. Numbers are unchanged (a test). Where the
+    environment sets malloc's tunables itself (GLIBC_TUNABLES, MALLOC_*_), or the C library
+    is not glibc, nothing is changed. Returns whether it was.
+    """
+    import ctypes
+
+    if any(os.environ.get(name) for name in MALLOC_ENV) or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+
+
 def folder_args(folder) -> list[str]:
     """The output and state arguments for a run kept in one folder as the workflow keeps it
     (results/runs/<run>/): for benchmarks and tests that call this entry point directly."""
@@ -210,6 +240,7 @@ def _choose_gloo_interface() -> None:
 
 def train(args, run: dict, geometry: Geometry, granted: dict, threads: int, identity: dict,
           attempt: Attempt | None, signals: StopSignals) -> int:
+    kept_freed_memory = keep_freed_memory()
     import torch
     import pytorch_lightning as pl
     from pytorch_lightning.callbacks import ModelCheckpoint
@@ -336,6 +367,7 @@ def train(args, run: dict, geometry: Geometry, granted: dict, threads: int, iden
             "hosts": hosts,
             "threads_per_process": threads,
             "threads_by_rank": threads_by_rank,
+            "malloc_keeps_freed_memory": kept_freed_memory,
             "resumed_from": _resumed_from(resume, resume_state),
             "epochs": trainer.current_epoch,
             "global_step": trainer.global_step,
