@@ -53,6 +53,8 @@ def headline() -> list[str]:
         out.append(f"- The default recipe, `python -m mnistflow.train` against the same recipe by hand: training samples/s "
                    f"**default_ours_over_bare = {t['default_ours_over_bare']}** (target >= 0.95), whole process "
                    f"**default_process_ratio = {t['default_process_ratio']}** (target <= 1.2)"
+                   + (f"; against the hand-written script under our malloc settings {t['default_ours_over_bare_same_malloc']}"
+                      if "default_ours_over_bare_same_malloc" in t else "")
                    + (f"; in lockstep in one process, **{t['default_ours_over_bare_lockstep']}**" if "default_ours_over_bare_lockstep" in t else ""))
     if (r / "step_overhead.json").exists():
         t = json.loads((r / "step_overhead.json").read_text())

@@ -54,7 +54,7 @@ from mnistflow.datamodule import MNISTDataModule, TensorSplit  # noqa: E402
 from mnistflow.model import MNISTClassifier  # noqa: E402
 from mnistflow.networks import MLP  # noqa: E402
 from mnistflow.resume import resume_state_callback  # noqa: E402
-from mnistflow.train import folder_args, quiet_known_noise  # noqa: E402
+from mnistflow.train import folder_args, keep_freed_memory, quiet_known_noise  # noqa: E402
 from mnistflow.train import main as train_main  # noqa: E402
 
 BATCH = 16
@@ -112,6 +112,9 @@ class ManualModule(BareModule):
 
 class Ladder:
     def __init__(self, train: Path, limit: int, threads: int, tmp: Path):
+        # The entry point's malloc settings from the start: its first run would set them for
+        # this whole process, and the rungs before it would run without.
+        keep_freed_memory()
         torch.set_num_threads(threads)
         self.train, self.limit, self.threads, self.tmp = train, limit, threads, tmp
         data = MNISTDataModule(train, batch_size=BATCH, val_size=VAL_SIZE, train_limit=limit and limit + VAL_SIZE,

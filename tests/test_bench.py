@@ -59,6 +59,8 @@ def test_default_recipe_records_both_ratios_from_their_repeats(smoke):
     assert t["default_ours_over_bare"] == pytest.approx(row["ours_samples_per_s"] / row["handwritten_samples_per_s"], abs=2e-3)
     assert t["default_process_ratio"] == pytest.approx(statistics.median([row["ours_wall_s"] / row["handwritten_wall_s"]]), abs=2e-3)
     assert row["ours_wall_s"] > 0 and row["handwritten_wall_s"] > 0
+    assert t["default_ours_over_bare_same_malloc"] == pytest.approx(row["ours_samples_per_s"] / row["same_malloc_samples_per_s"], abs=2e-3)
+    assert "glibc.malloc.mmap_threshold=" in t["handwritten_same_malloc"]
     paired = t["lockstep"]
     assert paired["steps"] > 0 and paired["ours_us"] > 0 and paired["handwritten_us"] > 0
     assert t["default_ours_over_bare_lockstep"] == pytest.approx(paired["ours_over_handwritten"], abs=1e-3)
