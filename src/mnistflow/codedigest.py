@@ -31,8 +31,10 @@ def _module_path(name: str) -> Path | None:
     return None
 
 
-def _all_imports(name: str, path: Path) -> set[str]:
-    """Every module named by an import statement in `path`, relative ones resolved."""
+@functools.lru_cache(maxsize=None)
+def _all_imports(name: str, path: Path) -> frozenset[str]:
+    """Every module named by an import statement in `path`, relative ones resolved. Parsed
+    once a process: the Snakefile asks for several entry points' closures, which share modules."""
     tree = ast.parse(path.read_text(), filename=str(path))
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found = set()
@@ -47,7 +49,7 @@ def _all_imports(name: str, path: Path) -> set[str]:
                 base = node.module or ""
             found.add(base)
             found.update(f"{base}.{alias.name}" for alias in node.names)  # `from . import model`
-    return found
+    return frozenset(found)
 
 
 def _imports(name: str, path: Path) -> set[str]:
