@@ -296,10 +296,12 @@ def test_version_of_a_package_only_evaluation_uses_reruns_evaluation_only(copy, 
 
 # ---- interrupted and resumed ------------------------------------------------------------------
 
-# A CNN on 1,300 training images: 11 steps an epoch, a few seconds each on two cores, long
-# enough to be killed mid-epoch.
+# A CNN on 1,300 training images: 11 steps an epoch, about a second on two cores, long
+# enough to be killed mid-epoch. With a checkpoint interval (1 s) the epochs must outlast
+# it: 2,800 images.
 THREE_EPOCHS = {"model": "cnn", "epochs": 3}
 SHORT = {"train_limit": 1500, "val_size": 200}
+LONGER = {"train_limit": 3000, "val_size": 200}
 
 
 def _mid_epoch_checkpoint(path) -> bool:
@@ -326,7 +328,7 @@ def test_interrupted_mid_epoch_resumes_to_the_weights_of_an_uninterrupted_run(co
     Snakemake's retry ends with the uninterrupted run's weights, bit for bit (two
     uninterrupted runs on this CPU are identical: see the tests above)."""
     settings = {**THREE_EPOCHS, **geometry}
-    edit_config(copy, {"dataset": SHORT, "runs": {"straight": settings, "killed": settings}})
+    edit_config(copy, {"dataset": LONGER if interval else SHORT, "runs": {"straight": settings, "killed": settings}})
     copy.snakemake("--cores", "2", "results/runs/straight/model.ckpt", timeout=300)
 
     last = copy.path("results/runs/killed/checkpoints/last.ckpt")

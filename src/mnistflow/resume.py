@@ -317,6 +317,22 @@ def is_first_process(env=os.environ) -> bool:
     return env.get("NODE_RANK", "0") == "0" and env.get("LOCAL_RANK", "0") == "0"
 
 
+def first_step_after(checkpoint: Path | None) -> int | None:
+    """The first global step a run resumed from `checkpoint` trains (None: not resumed).
+
+    The TensorBoard writer of a resumed attempt purges from it (purge_step): an earlier
+    attempt logged those steps after the checkpoint was written, and this one trains and logs
+    them again. (Its own reader's rule, which drops events once a lower step follows, misses
+    the step logged at both ends: an epoch's validation, when the attempt died between
+    logging it and checkpointing the epoch.) merge_logs does the same for the CSV log.
+    """
+    if checkpoint is None:
+        return None
+    import torch
+
+    return int(torch.load(checkpoint, map_location="cpu", weights_only=True)["global_step"])
+
+
 def keep_earlier_log(log_dir: Path) -> None:
     """Lightning's CSV logger deletes an existing metrics.csv; keep it as metrics.<n>.csv."""
     current = log_dir / "metrics.csv"

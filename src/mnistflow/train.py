@@ -48,6 +48,7 @@ from .launch import relaunch
 from .resume import (
     Attempt,
     atomic_checkpoint_io,
+    first_step_after,
     host_name,
     is_first_process,
     keep_earlier_log,
@@ -305,7 +306,8 @@ def train(args, run: dict, geometry: Geometry, granted: dict, threads: int, iden
         # Both in logs/: a resumed attempt continues the same TensorBoard run, and a finished
         # run's logs move to logs.finished/ with its CSV log.
         logger=[CSVLogger(save_dir=state, name="logs", version="")]
-        + ([TensorBoardLogger(save_dir=state, name="logs", version="", default_hp_metric=False)]
+        + ([TensorBoardLogger(save_dir=state, name="logs", version="", default_hp_metric=False,
+                              purge_step=first_step_after(resume))]
            if "tensorboard" in args.loggers.split(",") else []),
         # `last.ckpt`, replaced at every epoch end (save_last alone would only write it when
         # a top-k checkpoint is saved too, i.e. at the end of fit).
