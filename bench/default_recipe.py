@@ -3,7 +3,8 @@ written by hand (bench/handwritten_default.py), whole processes side by side.
 
     PYTHONPATH=src .venv/bin/python bench/default_recipe.py [--repeats 3] [--dataset fashion] [--quick]
 
-Each repeat runs both, in alternating order, on the same prepared split (Fashion-MNIST's
+Each repeat runs each side (ours, by hand, and by hand under ours' malloc setting, below), in
+alternating order, on the same prepared split (Fashion-MNIST's
 60,000 training images, 5,000 held out: 55,000 trained, 2 epochs, 2 threads). Two ratios, the
 medians of the repeats' paired ratios:
 
