@@ -48,12 +48,16 @@ from mnistflow.train import MMAP_THRESHOLD, TRIM_THRESHOLD, folder_args, quiet_k
 OURS_MALLOC = {"GLIBC_TUNABLES": f"glibc.malloc.mmap_threshold={MMAP_THRESHOLD}:glibc.malloc.trim_threshold={TRIM_THRESHOLD}"}
 
 
-def ours(root: Path, out: Path, val_size: int, limit: int, threads: int) -> tuple[float, float]:
+def entry_point_args(root: Path, out: Path, val_size: int, limit: int, threads: int) -> list[str]:
+    """`mnistflow.train`'s arguments for the default recipe, with the workflow's runtime settings."""
     run = {**RECIPE, "nodes": 1, "devices": 1, "accelerator": "cpu"}
-    cmd = [common.PYTHON, "-m", "mnistflow.train", "--run", "default", "--params", json.dumps(run),
-           "--train-data", str(root / "train.npz"), *folder_args(out), "--val-size", str(val_size),
-           "--train-limit", str(limit), "--threads", str(threads), "--loggers", ",".join(RUNTIME["loggers"]),
-           "--checkpoint-every-s", "600", "--progress-every-s", "60"]
+    return ["--run", "default", "--params", json.dumps(run), "--train-data", str(root / "train.npz"), *folder_args(out),
+            "--val-size", str(val_size), "--train-limit", str(limit), "--threads", str(threads),
+            "--loggers", ",".join(RUNTIME["loggers"]), "--checkpoint-every-s", "600", "--progress-every-s", "60"]
+
+
+def ours(root: Path, out: Path, val_size: int, limit: int, threads: int) -> tuple[float, float]:
+    cmd = [common.PYTHON, "-m", "mnistflow.train", *entry_point_args(root, out, val_size, limit, threads)]
     wall, _ = common.run(cmd, env=common.env_with_src())
     record = json.loads((out / "train.json").read_text())
     return wall, record["samples_per_s"]
@@ -83,15 +87,11 @@ def in_lockstep(root: Path, out: Path, val_size: int, threads: int) -> dict:
     data.setup("fit")
     split = data.train_set
     steps = RECIPE["epochs"] * -(-len(split) // RECIPE["batch_size"])
-    callback = lockstep.make_callback(lockstep.HandStep(
+    callback = lockstep.Lockstep(lockstep.HandStep(
         NETWORKS[RECIPE["model"]](), split.x, split.y, RECIPE["batch_size"], RECIPE["lr"], RECIPE["weight_decay"], steps,
         seed=RECIPE["seed"] + 1))
-    run = {**RECIPE, "nodes": 1, "devices": 1, "accelerator": "cpu"}
-    argv = ["--run", "default", "--params", json.dumps(run), "--train-data", str(root / "train.npz"), *folder_args(out),
-            "--val-size", str(val_size), "--threads", str(threads), "--loggers", ",".join(RUNTIME["loggers"]),
-            "--checkpoint-every-s", "600", "--progress-every-s", "60"]
     quiet_known_noise()
-    assert lockstep.run_entry_point(argv, callback) == 0
+    assert lockstep.run_entry_point(entry_point_args(root, out, val_size, 0, threads), callback) == 0
     return callback.figures()
 
 

@@ -28,6 +28,7 @@ import statistics
 import time
 from unittest import mock
 
+import pytorch_lightning as pl
 import torch
 from torch.nn import functional as F
 
@@ -58,51 +59,40 @@ class HandStep:
             self.schedule.step()
 
 
-def _callback_class():
-    import pytorch_lightning as pl
+class Lockstep(pl.Callback):
+    def __init__(self, hand: HandStep):
+        self.hand = hand
+        self.ours: list[float] = []
+        self.by_hand: list[float] = []
+        self._mark = None
 
-    class Lockstep(pl.Callback):
-        def __init__(self, hand: HandStep):
-            self.hand = hand
-            self.ours: list[float] = []
-            self.by_hand: list[float] = []
-            self._mark = None
+    def on_train_epoch_start(self, trainer, pl_module):
+        self._mark = None  # validation and the epoch's end are not a training step
 
-        def on_train_epoch_start(self, trainer, pl_module):
-            self._mark = None  # validation and the epoch's end are not a training step
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        now = time.perf_counter()
+        if self._mark is not None:
+            self.ours.append(now - self._mark)
+            start = time.perf_counter()
+            self.hand()
+            self.by_hand.append(time.perf_counter() - start)
+        self._mark = time.perf_counter()
 
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            now = time.perf_counter()
-            if self._mark is not None:
-                self.ours.append(now - self._mark)
-                start = time.perf_counter()
-                self.hand()
-                self.by_hand.append(time.perf_counter() - start)
-            self._mark = time.perf_counter()
-
-        def figures(self, warmup: int = 20) -> dict:
-            ours, by_hand = self.ours[warmup:], self.by_hand[warmup:]
-            if not ours:
-                raise RuntimeError(f"no steps after {warmup} warm-up steps (of {len(self.ours)})")
-            return {
-                "steps": len(ours),
-                "ours_us": round(statistics.median(ours) * 1e6, 1),
-                "handwritten_us": round(statistics.median(by_hand) * 1e6, 1),
-                "overhead_us": round(statistics.median(a - b for a, b in zip(ours, by_hand)) * 1e6, 1),
-                "ours_over_handwritten": round(sum(by_hand) / sum(ours), 4),
-            }
-
-    return Lockstep
-
-
-def make_callback(hand: HandStep):
-    return _callback_class()(hand)
+    def figures(self, warmup: int = 20) -> dict:
+        ours, by_hand = self.ours[warmup:], self.by_hand[warmup:]
+        if not ours:
+            raise RuntimeError(f"no steps after {warmup} warm-up steps (of {len(self.ours)})")
+        return {
+            "steps": len(ours),
+            "ours_us": round(statistics.median(ours) * 1e6, 1),
+            "handwritten_us": round(statistics.median(by_hand) * 1e6, 1),
+            "overhead_us": round(statistics.median(a - b for a, b in zip(ours, by_hand)) * 1e6, 1),
+            "ours_over_handwritten": round(sum(by_hand) / sum(ours), 4),
+        }
 
 
 def run_entry_point(argv: list[str], callback) -> int:
     """`mnistflow.train.main(argv)` in this process, its Trainer given `callback` as well."""
-    import pytorch_lightning as pl
-
     from mnistflow.train import main
 
     class TrainerWithLockstep(pl.Trainer):
@@ -114,8 +104,6 @@ def run_entry_point(argv: list[str], callback) -> int:
 
 
 def run_trainer(module, loader, callback, **trainer_kwargs) -> None:
-    import pytorch_lightning as pl
-
     kwargs = dict(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
                   enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
     kwargs.update(trainer_kwargs)

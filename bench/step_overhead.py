@@ -124,7 +124,7 @@ class Ladder:
         self.steps = -(-len(self.split) // BATCH)
 
     def hand(self):
-        return lockstep.make_callback(lockstep.HandStep(MLP(), self.split.x, self.split.y, BATCH, SETTINGS["lr"],
+        return lockstep.Lockstep(lockstep.HandStep(MLP(), self.split.x, self.split.y, BATCH, SETTINGS["lr"],
                                                         SETTINGS["weight_decay"], self.steps, seed=SETTINGS["seed"] + 1))
 
     def loader(self):
@@ -156,12 +156,12 @@ class Ladder:
 
     def entry_point(self, profile: cProfile.Profile | None = None):
         """In lockstep; or, with `profile`, alone (no hand-written steps in its profile)."""
-        callback = self.hand()
         out = Path(tempfile.mkdtemp(dir=self.tmp))
         argv = ["--run", "overhead", "--params", json.dumps(SETTINGS), "--train-data", str(self.train), *folder_args(out),
                 "--val-size", str(VAL_SIZE), "--train-limit", str(self.limit and self.limit + VAL_SIZE),
                 "--threads", str(self.threads), "--loggers", ",".join(RUNTIME["loggers"]),
                 "--checkpoint-every-s", "600", "--progress-every-s", "60"]
+        callback = None if profile else self.hand()
         if profile:
             profile.enable()
             code = train_main(argv)
@@ -169,7 +169,7 @@ class Ladder:
         else:
             code = lockstep.run_entry_point(argv, callback)
         assert code == 0, code
-        return None if profile else callback.figures(), json.loads((out / "train.json").read_text())["global_step"]
+        return callback and callback.figures(), json.loads((out / "train.json").read_text())["global_step"]
 
     def rungs(self):
         model = lambda: MNISTClassifier(model="mlp", lr=SETTINGS["lr"])  # noqa: E731
