@@ -54,7 +54,7 @@ from mnistflow.datamodule import MNISTDataModule, TensorSplit  # noqa: E402
 from mnistflow.model import MNISTClassifier  # noqa: E402
 from mnistflow.networks import MLP  # noqa: E402
 from mnistflow.resume import resume_state_callback  # noqa: E402
-from mnistflow.train import folder_args, keep_freed_memory, quiet_known_noise  # noqa: E402
+from mnistflow.train import NVML_CUDA_CHECK_ENV, folder_args, keep_freed_memory, plain_cuda_check, quiet_known_noise  # noqa: E402
 from mnistflow.train import main as train_main  # noqa: E402
 
 BATCH = 16
@@ -112,9 +112,10 @@ class ManualModule(BareModule):
 
 class Ladder:
     def __init__(self, train: Path, limit: int, threads: int, tmp: Path):
-        # The entry point's malloc settings from the start: its first run would set them for
+        # The entry point's process settings from the start: its first run would set them for
         # this whole process, and the rungs before it would run without.
         keep_freed_memory()
+        plain_cuda_check()
         torch.set_num_threads(threads)
         self.train, self.limit, self.threads, self.tmp = train, limit, threads, tmp
         data = MNISTDataModule(train, batch_size=BATCH, val_size=VAL_SIZE, train_limit=limit and limit + VAL_SIZE,
@@ -184,6 +185,35 @@ class Ladder:
         }
 
 
+def nvml_probe_cost(ladder: Ladder, rounds: int = 20, block: int = 50) -> dict:
+    """What Lightning's NVML-based CUDA check (plain_cuda_check) costs a hand-written step, in
+    this process: blocks of steps with it on and off in turn; medians of the step times.
+
+    In lockstep both sides run in the same process, so the ladder cannot show it: this is
+    what the entry point paid a step more than a hand-written script, which never imports
+    Lightning, until it turned the check off.
+    """
+    import os
+    import time
+
+    step = ladder.hand().hand
+    times = {"on": [], "off": []}
+    for _ in range(rounds):
+        for state in ("on", "off"):
+            if state == "on":
+                os.environ[NVML_CUDA_CHECK_ENV] = "1"
+            else:
+                os.environ.pop(NVML_CUDA_CHECK_ENV, None)
+            for _ in range(block):
+                start = time.perf_counter()
+                step()
+                times[state].append(time.perf_counter() - start)
+    plain_cuda_check()
+    on, off = (statistics.median(times[state]) * 1e6 for state in ("on", "off"))
+    return {"with_check_us": round(on, 1), "without_us": round(off, 1), "probe_us": round(on - off, 1),
+            "steps_each": rounds * block}
+
+
 def where_it_goes(stats: pstats.Stats, steps: int) -> dict:
     """Cumulative microseconds per step of each place, matched by file and function name."""
     found = {}
@@ -211,6 +241,7 @@ def main() -> None:
         for _ in range(args.repeats):
             for name, run in rungs.items():
                 runs[name].append(run())
+        probe = nvml_probe_cost(ladder)
         profile = cProfile.Profile()
         _, steps = ladder.entry_point(profile)
     ladder_figures = {
@@ -239,6 +270,7 @@ def main() -> None:
         "handwritten_us_per_step_median": entry["handwritten_us"],
         "ours_us_per_step_median": entry["ours_us"],
         "step_overhead_us": entry["overhead_us"],
+        "nvml_probe": probe,
         "profiled_steps": steps,
         "profiled_us_per_step_by_place": places,
     }
@@ -252,6 +284,12 @@ def main() -> None:
                        ", ".join(f"{v:,.0f}" for v in f["each_overhead_us"])] for name, f in ladder_figures.items()]),
         "",
         f"**step_overhead_us = {record['step_overhead_us']}** (the entry point's; target <= 300).",
+        "",
+        f"Lightning's NVML-based CUDA check, which the entry point turns off (`plain_cuda_check`), measured on the "
+        f"hand-written step in blocks with it on and off ({probe['steps_each']} steps each): {probe['with_check_us']} µs "
+        f"a step with it, {probe['without_us']} without, **{probe['probe_us']} µs** a step that the entry point paid "
+        "more than a hand-written script until it turned the check off (both sides of the lockstep run in one "
+        "process, so the ladder does not show it).",
         "",
         "Where the entry point spends a step, in one more run on its own (no lockstep), under cProfile (which "
         "slows Python calls: compare the places, not these with the timings above). Cumulative over the "

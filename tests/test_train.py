@@ -102,3 +102,26 @@ def test_progress_within_long_epochs_every_interval(train_npz, tmp_path):
     assert len(set(shown.values())) > len(shown) // 2, shown  # not one stale value repeated
     assert len(re.findall(r"epoch [12]/2 done", result.stderr)) == 2
     assert not list(tmp_path.rglob("events.out.tfevents.*"))
+
+
+def test_optimizer_steps_do_not_probe_nvml(train_npz, tmp_path):
+    """Lightning's import turns on torch's NVML-based CUDA check, which AdamW's every step then
+    pays by loading NVML (plain_cuda_check); the entry point turns it off, so the number of
+    loads does not grow with the steps. Counted by an audit hook on ctypes' dlopen."""
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    loads = tmp_path / "nvml-loads"
+    (hooks / "sitecustomize.py").write_text(
+        "import sys\n"
+        "def count(event, args):\n"
+        "    if event == 'ctypes.dlopen' and 'nvidia-ml' in str(args[0]):\n"
+        f"        with open({str(loads)!r}, 'a') as f: f.write('load\\n')\n"
+        "sys.addaudithook(count)\n"
+    )
+    env = {"PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{hooks}"}
+    result = train(train_npz, tmp_path / "run", env_extra=env, args=("--loggers", "csv"), model="mlp", batch_size=32, epochs=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    steps = json.loads((tmp_path / "run" / "train.json").read_text())["global_step"]
+    assert steps == 2 * -(-1000 // 32)
+    counted = len(loads.read_text().splitlines()) if loads.exists() else 0
+    assert counted < 10, f"NVML loaded {counted} times in {steps} steps"

@@ -141,6 +141,24 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
 
 
+# Set by lightning_fabric when it is imported (see plain_cuda_check).
+NVML_CUDA_CHECK_ENV = "PYTORCH_NVML_BASED_CUDA_CHECK"
+
+
+def plain_cuda_check() -> None:
+    """Undo the NVML-based CUDA check that importing Lightning turns on, for this process.
+
+    lightning_fabric sets PYTORCH_NVML_BASED_CUDA_CHECK=1 when it is imported, so that asking
+    whether CUDA is available does not initialise CUDA in a process that later forks. With
+    it, torch.cuda.is_available() loads NVML on every call until CUDA is initialised, and Adam
+    and AdamW ask it in every step (their graph-capture check): on a machine with a CUDA build
+    of torch and no NVIDIA driver, about 150 µs a step that a hand-written script, which does
+    not import Lightning, does not pay (bench/README.md, "Per-step overhead"). A training
+    process here never forks: its loaders have no workers, and ranks start as new processes.
+    """
+    os.environ.pop(NVML_CUDA_CHECK_ENV, None)
+
+
 def folder_args(folder) -> list[str]:
     """The output and state arguments for a run kept in one folder as the workflow keeps it
     (results/runs/<run>/): for benchmarks and tests that call this entry point directly."""
@@ -252,6 +270,7 @@ def train(args, run: dict, geometry: Geometry, granted: dict, threads: int, iden
     from .datamodule import MNISTDataModule
     from .model import MNISTClassifier
 
+    plain_cuda_check()
     torch.set_num_threads(threads)
     state = args.state
     ckpt_dir = state / "checkpoints"
