@@ -364,6 +364,13 @@ def main(argv=None):
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
 
+    import pytorch_lightning  # noqa: F401  (its import sets what plain_cuda_check undoes)
+
+    from mnistflow.train import keep_freed_memory, plain_cuda_check
+
+    # The entry point's process settings, for all three paths alike.
+    keep_freed_memory()
+    plain_cuda_check()
     root = common.dataset(args.dataset)
     tv_root = root / "torchvision"
     torch.set_num_threads(args.threads)
