@@ -77,3 +77,13 @@ class MNISTClassifier(pl.LightningModule):
         total = int(self.trainer.estimated_stepping_batches)
         onecycle = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=hp.lr, total_steps=max(total, 1))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": onecycle, "interval": "step"}}
+
+    def __setattr__(self, name, value):
+        # Lightning sets the name of the hook it is in on the module before and after every
+        # hook it calls, about 45 times a step. nn.Module.__setattr__ would first look the
+        # name up among parameters, buffers and submodules, which it never is: 1.7 µs a call
+        # against 0.14 (bench/README.md, "Per-step overhead").
+        if name == "_current_fx_name":
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
