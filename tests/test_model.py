@@ -93,3 +93,24 @@ def test_datamodule_splits_and_batches(tmp_path, mirror):
     dm2 = MNISTDataModule(tmp_path / "train.npz", batch_size=64, val_size=500, train_limit=4000, seed=1)
     dm2.setup("fit")
     assert torch.equal(dm.val_set.y, dm2.val_set.y)
+
+
+def test_splits_are_held_on_the_trainers_device(tmp_path, mirror):
+    """On a GPU the splits live on the device and a batch is indexed there, with no copy from
+    host memory each step. No GPU here: the meta device stands in for one (shapes only)."""
+    from types import SimpleNamespace
+
+    from mnistflow.data import prepare
+
+    prepare(mirror.directory, tmp_path / "train.npz", tmp_path / "test.npz")
+    device = torch.device("meta")
+    dm = MNISTDataModule(tmp_path / "train.npz", tmp_path / "test.npz", batch_size=64, val_size=500, train_limit=4000, seed=1)
+    dm.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=device), world_size=1, global_rank=0)
+    dm.setup("fit")
+    dm.setup("test")
+    assert {split.x.device for split in (dm.train_set, dm.val_set, dm.test_set)} == {device}
+    assert {split.y.device for split in (dm.train_set, dm.val_set, dm.test_set)} == {device}
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.device == device and x.shape == (64, 1, 28, 28) and y.device == device
+    x, _ = next(iter(dm.val_dataloader()))
+    assert x.device == device
