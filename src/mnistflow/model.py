@@ -80,9 +80,9 @@ class MNISTClassifier(pl.LightningModule):
 
     def __setattr__(self, name, value):
         # Lightning sets the name of the hook it is in on the module before and after every
-        # hook it calls, about 45 times a step. nn.Module.__setattr__ would first look the
-        # name up among parameters, buffers and submodules, which it never is: 1.7 µs a call
-        # against 0.14 (bench/README.md, "Per-step overhead").
+        # hook it calls, dozens of times a step. nn.Module.__setattr__ would first look the
+        # name up among parameters, buffers and submodules, which it never is, at several
+        # times the cost of a plain attribute (bench/README.md, "Per-step overhead").
         if name == "_current_fx_name":
             object.__setattr__(self, name, value)
         else:

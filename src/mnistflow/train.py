@@ -152,9 +152,9 @@ def plain_cuda_check() -> None:
     whether CUDA is available does not initialise CUDA in a process that later forks. With
     it, torch.cuda.is_available() loads NVML on every call until CUDA is initialised, and Adam
     and AdamW ask it in every step (their graph-capture check): on a machine with a CUDA build
-    of torch and no NVIDIA driver, about 150 µs a step that a hand-written script, which does
-    not import Lightning, does not pay (bench/README.md, "Per-step overhead"). A training
-    process here never forks: its loaders have no workers, and ranks start as new processes.
+    of torch and no NVIDIA driver, a cost each step that a hand-written script, which does not
+    import Lightning, does not pay (bench/README.md, "Per-step overhead"). A training process
+    here never forks: its loaders have no workers, and ranks start as new processes.
     """
     os.environ.pop(NVML_CUDA_CHECK_ENV, None)
 
