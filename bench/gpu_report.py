@@ -49,6 +49,12 @@ def render(d: dict) -> str:
                                  r.get("process_group_backend"), r.get("rc"),
                                  r.get("accelerator"), r.get("world_size"), r.get("wall_s"), r.get("fit_s"), r.get("samples_per_s"),
                                  r.get("test_acc")] for r in runs]))
+        timed = [r for r in runs if r.get("process_s")]
+        if timed:
+            parts = ["start_to_train", "imports", "setup", "fit", "outputs"]
+            md.append("\n\nWhere each training process's time went (train.json's `process_s`, seconds):\n")
+            md.append(common.table(["run", "process wall s", *parts], [[r["run"], r.get("wall_s"), *(r["process_s"].get(k) for k in parts)]
+                                                                     for r in timed]))
         for r in runs:
             if r.get("separate_call"):
                 md.append(f"\n\n`{r['run']}`: {r['separate_call']}.")

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -58,7 +59,9 @@ def test_train_json_records_provenance(train_npz, tmp_path):
     run = {**RECIPE, "name": "t", "model": "mlp"}
     cmd = [sys.executable, "-m", "mnistflow.train", "--run", "t", "--params", json.dumps(run), "--train-data", str(train_npz),
            *folder_args(tmp_path / "p"), "--val-size", "200", "--train-limit", "600", "--threads", "1", "--env-record", str(env_record)]
+    started = time.perf_counter()
     result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO / "src")}, timeout=300)
+    wall_s = time.perf_counter() - started
     assert result.returncode == 0, result.stderr[-3000:]
     record = json.loads((tmp_path / "p" / "train.json").read_text())
     prov = record["provenance"]
@@ -70,6 +73,12 @@ def test_train_json_records_provenance(train_npz, tmp_path):
     assert record["settings"]["seed"] == RECIPE["seed"] and record["started"] <= record["finished"]
     assert record["attempts"][-1]["outcome"] == "finished"
     assert record["accelerator"] == "CPUAccelerator" and record["device"]  # the CPU's model name here
+    # where the process's time went, its parts within the whole
+    timings = record["process_s"]
+    assert set(timings) == {"start_to_train", "imports", "setup", "fit", "outputs"}
+    assert all(v >= 0 for v in timings.values()) and timings["imports"] > 0.2 and timings["fit"] > 0
+    assert timings["fit"] == record["attempts"][-1]["fit_s"]
+    assert sum(timings.values()) < wall_s
 
 
 def test_multinode_run_started_as_one_process_in_a_wrong_allocation_fails_fast(train_npz, tmp_path):
@@ -125,3 +134,23 @@ def test_optimizer_steps_do_not_probe_nvml(train_npz, tmp_path):
     assert steps == 2 * -(-1000 // 32)
     counted = len(loads.read_text().splitlines()) if loads.exists() else 0
     assert counted < 10, f"NVML loaded {counted} times in {steps} steps"
+
+
+def test_git_state_is_none_without_a_commit(tmp_path):
+    """A checkout with no commit yet (a copied working tree under `git init`) records no commit,
+    not git's "HEAD"; a commit is recorded with whether tracked files differ from it."""
+    from mnistflow.train import git_state
+
+    def git(*args):
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+
+    assert git_state(tmp_path) == (None, None)  # not a checkout
+    git("init", "-q")
+    (tmp_path / "f.txt").write_text("a\n")
+    assert git_state(tmp_path) == (None, None)
+    git("add", "f.txt")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "c")
+    commit, dirty = git_state(tmp_path)
+    assert len(commit) == 40 and int(commit, 16) >= 0 and dirty is False
+    (tmp_path / "f.txt").write_text("b\n")
+    assert git_state(tmp_path) == (commit, True)

@@ -257,8 +257,20 @@ def _choose_gloo_interface() -> None:
                     "cluster set GLOO_SOCKET_IFNAME to the interconnect's interface", address)
 
 
+def seconds_since_process_start() -> float | None:
+    """How long this process has run, Python's start included (Linux's /proc; else None)."""
+    try:
+        stat = Path("/proc/self/stat").read_text()
+        started = int(stat.rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")  # field 22, starttime
+        return time.clock_gettime(time.CLOCK_BOOTTIME) - started
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
 def train(args, run: dict, geometry: Geometry, granted: dict, threads: int, identity: dict,
           attempt: Attempt | None, signals: StopSignals) -> int:
+    # Where this process's time goes, in train.json: what surrounds the fit is most of a short run.
+    clock = {"start_to_train": seconds_since_process_start(), "train": time.perf_counter()}
     kept_freed_memory = keep_freed_memory()
     import torch
     import pytorch_lightning as pl
@@ -270,6 +282,7 @@ def train(args, run: dict, geometry: Geometry, granted: dict, threads: int, iden
     from .datamodule import MNISTDataModule
     from .model import MNISTClassifier
 
+    clock["imported"] = time.perf_counter()
     plain_cuda_check()
     torch.set_num_threads(threads)
     state = args.state
@@ -405,10 +418,26 @@ def train(args, run: dict, geometry: Geometry, granted: dict, threads: int, iden
             "provenance": provenance(args.env_record, identity),
             "attempts": attempts,
         }
+        record["process_s"] = process_timings(clock, t0, fit_s)
         write_json(args.record, record)
         retire_resume_state(state)
         log.info("trained %s: %s samples/s over %d process(es)", args.run, record["samples_per_s"], trainer.world_size)
     return 0
+
+
+def process_timings(clock: dict, fit_started: float, fit_s: float) -> dict:
+    """Seconds of the finishing process: from its start to training (Python, the package, the
+    run's identity), importing torch and Lightning, setting up the data, model and Trainer,
+    the fit (validation and checkpoints included), and the outputs and this record."""
+    now = time.perf_counter()
+    parts = {
+        "start_to_train": clock["start_to_train"],
+        "imports": clock["imported"] - clock["train"],
+        "setup": fit_started - clock["imported"],
+        "fit": fit_s,
+        "outputs": now - fit_started - fit_s,
+    }
+    return {name: None if value is None else round(value, 3) for name, value in parts.items()}
 
 
 def _resumed_from(resume: Path | None, resume_state) -> dict | None:
@@ -420,20 +449,9 @@ def _resumed_from(resume: Path | None, resume_state) -> dict | None:
 
 def provenance(env_record: str | None, identity: dict) -> dict:
     """What produced this run, beside its settings: code digest, git commit, environment."""
-    import subprocess
-
     from .codedigest import closure
 
-    repo = Path(__file__).resolve().parents[2]
-    try:
-        commit = subprocess.run(
-            ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
-        ).stdout.strip() or None
-        dirty = bool(subprocess.run(
-            ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10
-        ).stdout.strip()) if commit else None
-    except (OSError, subprocess.SubprocessError):
-        commit = dirty = None
+    commit, dirty = git_state(Path(__file__).resolve().parents[2])
     return {
         "code_digest": identity["code_digest"],
         "code_modules": closure("mnistflow.train"),
@@ -444,6 +462,24 @@ def provenance(env_record: str | None, identity: dict) -> dict:
         "environment": json.loads(Path(env_record).read_text()) if env_record else None,
         "command": [sys.executable, "-m", "mnistflow.train", *sys.argv[1:]],
     }
+
+
+def git_state(repo: Path) -> tuple[str | None, bool | None]:
+    """The commit checked out at `repo` and whether tracked files differ from it; (None, None)
+    where there is none (not a checkout, no commit yet, no git)."""
+    import subprocess
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=10)
+
+    try:
+        head = git("rev-parse", "--verify", "--quiet", "HEAD^{commit}")
+        if head.returncode != 0 or not head.stdout.strip():
+            return None, None
+        status = git("status", "--porcelain", "--untracked-files=no")
+        return head.stdout.strip(), (bool(status.stdout.strip()) if status.returncode == 0 else None)
+    except (OSError, subprocess.SubprocessError):
+        return None, None
 
 
 def device_name(device) -> str:
