@@ -48,12 +48,12 @@ import torch  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from mnistflow.callbacks import StopSignals, make_progress_callback, make_save_and_stop_callback, make_throughput_callback  # noqa: E402
+from mnistflow.callbacks import Progress, ResumeState, SaveAndStop, Throughput  # noqa: E402
 from mnistflow.config import RECIPE, RUNTIME  # noqa: E402
 from mnistflow.datamodule import MNISTDataModule, TensorSplit  # noqa: E402
 from mnistflow.model import MNISTClassifier  # noqa: E402
 from mnistflow.networks import MLP  # noqa: E402
-from mnistflow.resume import resume_state_callback  # noqa: E402
+from mnistflow.signals import StopSignals  # noqa: E402
 from mnistflow.train import NVML_CUDA_CHECK_ENV, folder_args, keep_freed_memory, plain_cuda_check, quiet_known_noise  # noqa: E402
 from mnistflow.train import main as train_main  # noqa: E402
 
@@ -143,13 +143,13 @@ class Ladder:
         if callbacks:
             from pytorch_lightning.callbacks import ModelCheckpoint
 
-            throughput = make_throughput_callback()
+            throughput = Throughput()
             extra["enable_checkpointing"] = True
             extra["callbacks"] = [
                 ModelCheckpoint(dirpath=out / "checkpoints", filename="last", save_top_k=1, enable_version_counter=False),
-                throughput, make_progress_callback(throughput, 60),
-                make_save_and_stop_callback(StopSignals(()), out / "checkpoints" / "last.ckpt", 600, 10),
-                resume_state_callback({}, 1),
+                throughput, Progress(throughput, 60),
+                SaveAndStop(StopSignals(()), out / "checkpoints" / "last.ckpt", 600, 10),
+                ResumeState({}, 1),
             ]
         torch.manual_seed(SETTINGS["seed"])
         lockstep.run_trainer(module, self.loader(), callback, log_every_n_steps=10, **extra)

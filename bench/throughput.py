@@ -151,8 +151,8 @@ def ours(train_npz, batch_size, warmup, measured, threads, seed=42, val_size=500
     from mnistflow.datamodule import MNISTDataModule
     from mnistflow.geometry import Geometry
     from mnistflow.model import MNISTClassifier
-    from mnistflow.callbacks import StopSignals, make_save_and_stop_callback, make_throughput_callback
-    from mnistflow.resume import resume_state_callback
+    from mnistflow.callbacks import ResumeState, SaveAndStop, Throughput
+    from mnistflow.signals import StopSignals
 
     # The comparison's network and the bare loop's lr (recipe_optimizer), not the default recipe's.
     run = {**RECIPE, "model": network, "lr": 0.003, "batch_size": batch_size, "seed": seed}
@@ -183,10 +183,10 @@ def ours(train_npz, batch_size, warmup, measured, threads, seed=42, val_size=500
             default_root_dir=out,
             logger=CSVLogger(save_dir=out, name="logs", version=""),
             callbacks=[ModelCheckpoint(dirpath=out / "checkpoints", filename="last", save_top_k=1, enable_version_counter=False),
-                       make_throughput_callback(),
+                       Throughput(),
                        # train.py's: it checks for a stop signal and the checkpoint interval at every batch end
-                       make_save_and_stop_callback(StopSignals(()), out / "checkpoints" / "last.ckpt", 600, 10),
-                       resume_state_callback({}, 1), clock, *extra_callbacks],
+                       SaveAndStop(StopSignals(()), out / "checkpoints" / "last.ckpt", 600, 10),
+                       ResumeState({}, 1), clock, *extra_callbacks],
             enable_progress_bar=False,
             enable_model_summary=False,
             deterministic=False,

@@ -165,69 +165,6 @@ def synced_running_metrics(trainer, module):
         yield
 
 
-def resume_state_callback(identity: dict, attempt: int | None):
-    """The callback that makes a resume exact and traceable.
-
-    Saving, it stamps every checkpoint with the run's identity and the attempt, and keeps
-    torch's random state (dropout draws from it; Lightning does not save it). Loading, it
-    notes what it resumed from, and it puts that random state back before the first resumed
-    batch, where the uninterrupted run has it (the checkpoint is written at a batch's or an
-    epoch's end; the data loaders draw from generators of their own, so nothing between the
-    save and that point takes from torch's). Under DDP
-    every process starts from the same seed and draws alike, so rank 0's state serves all.
-    """
-    import pytorch_lightning as pl
-    import torch
-
-    class ResumeState(pl.Callback):
-        def __init__(self):
-            self.resumed_from: dict | None = None
-            self._rng = None
-            self._loader_state = None
-
-        def on_save_checkpoint(self, trainer, pl_module, checkpoint):
-            checkpoint[CHECKPOINT_KEY] = identity
-            checkpoint[ATTEMPT_KEY] = attempt
-            # ModelCheckpoint saves at an epoch's end; SaveAndStop also in the middle of one
-            checkpoint[POSITION_KEY] = {"epochs_done": trainer.current_epoch + int(trainer.is_last_batch),
-                                        "mid_epoch": not trainer.is_last_batch}
-            checkpoint[RNG_KEY] = {"torch": torch.get_rng_state(),
-                                   "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []}
-
-        def on_load_checkpoint(self, trainer, pl_module, checkpoint):
-            self._rng = checkpoint.get(RNG_KEY)
-            self._loader_state = checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {}).get("combined_loader")
-            position = checkpoint.get(POSITION_KEY) or {"epochs_done": checkpoint["epoch"] + 1, "mid_epoch": False}
-            self.resumed_from = {**position, "global_step": checkpoint["global_step"],
-                                 "written_by_attempt": checkpoint.get(ATTEMPT_KEY),
-                                 "identity": identity_digest(checkpoint[CHECKPOINT_KEY])}
-
-        def on_train_start(self, trainer, pl_module):
-            # Lightning hands a stateful loader its state only if the loader is made after the
-            # loops are restored; estimated_stepping_batches (the one-cycle schedule's length)
-            # makes it before. Its iterator has not started yet: hand the state over here.
-            loader = trainer.train_dataloader
-            if self._loader_state and hasattr(loader, "load_state_dict"):
-                loader.load_state_dict(self._loader_state[0])
-            self._loader_state = None
-            # The epoch's running metrics (the mean training loss) in the checkpoint: at an
-            # epoch's end, those of the finished epoch (ModelCheckpoint saves before Lightning
-            # resets them); mid-epoch, the sums over every rank (synced_running_metrics), which
-            # rank 0 carries on from.
-            if self.resumed_from and (not self.resumed_from["mid_epoch"] or trainer.global_rank != 0):
-                for metric in running_metrics(pl_module):
-                    metric.reset()
-
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            if self._rng is not None:
-                torch.set_rng_state(self._rng["torch"])
-                if self._rng["cuda"]:
-                    torch.cuda.set_rng_state_all(self._rng["cuda"])
-                self._rng = None
-
-    return ResumeState()
-
-
 def usable_checkpoint(last: Path, identity: dict, log_dir: Path) -> Path | None:
     """`last` if this run can resume from it, else None: training starts at epoch 0.
 

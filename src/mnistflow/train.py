@@ -34,13 +34,6 @@ import warnings
 from pathlib import Path
 from typing import Sequence
 
-from .callbacks import (
-    Preempted,
-    StopSignals,
-    make_progress_callback,
-    make_save_and_stop_callback,
-    make_throughput_callback,
-)
 from .cli import run_and_exit
 from .config import RUNTIME
 from .geometry import Geometry, GeometryError
@@ -54,12 +47,12 @@ from .resume import (
     keep_earlier_log,
     log_order,
     merge_logs,
-    resume_state_callback,
     retire_resume_state,
     run_identity,
     slurm_array_task,
     usable_checkpoint,
 )
+from .signals import Preempted, StopSignals
 
 # Exit status of a run stopped by a stop signal: "try again later" (sysexits EX_TEMPFAIL).
 # Snakemake's retry (or Slurm's requeue) then resumes from last.ckpt.
@@ -279,6 +272,7 @@ def train(args, run: dict, geometry: Geometry, granted: dict, threads: int, iden
     from pytorch_lightning.utilities.exceptions import SIGTERMException
 
     from .atomic import write_json, write_text
+    from .callbacks import Progress, ResumeState, SaveAndStop, Throughput
     from .datamodule import MNISTDataModule
     from .model import MNISTClassifier
 
@@ -321,9 +315,9 @@ def train(args, run: dict, geometry: Geometry, granted: dict, threads: int, iden
             timeout=dt.timedelta(seconds=args.collective_timeout), process_group_backend=backend
         )
     quiet_known_noise()
-    throughput = make_throughput_callback()
-    save_and_stop = make_save_and_stop_callback(signals, last, args.checkpoint_every_s, AGREE_EVERY)
-    resume_state = resume_state_callback(identity, attempt.number if attempt else None)
+    throughput = Throughput()
+    save_and_stop = SaveAndStop(signals, last, args.checkpoint_every_s, AGREE_EVERY)
+    resume_state = ResumeState(identity, attempt.number if attempt else None)
     plugins = [atomic_checkpoint_io()]
     if "SLURM_NTASKS" in os.environ:
         from lightning_fabric.plugins.environments import SLURMEnvironment
@@ -346,7 +340,7 @@ def train(args, run: dict, geometry: Geometry, granted: dict, threads: int, iden
         callbacks=[
             ModelCheckpoint(dirpath=ckpt_dir, filename="last", save_top_k=1, enable_version_counter=False),
             throughput,
-            make_progress_callback(throughput, args.progress_every_s),
+            Progress(throughput, args.progress_every_s),
             save_and_stop,
             resume_state,
         ],
