@@ -136,6 +136,32 @@ def test_optimizer_steps_do_not_probe_nvml(train_npz, tmp_path):
     assert counted < 10, f"NVML loaded {counted} times in {steps} steps"
 
 
+def test_hook_calls_make_no_context_manager_each(train_npz, tmp_path):
+    """Lightning wraps every hook call in `trainer.profiler.profile(name)`, about a hundred a
+    step. The entry point's profiler (callbacks.NoProfiler) hands back one shared context, not
+    the generator-based one Lightning's default makes at every call: counted over a run by
+    wrapping that default, which a default Trainer calls thousands of times in these steps."""
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    calls = tmp_path / "profile-calls"
+    (hooks / "sitecustomize.py").write_text(
+        "from pytorch_lightning.profilers.profiler import Profiler\n"
+        "made = Profiler.profile\n"
+        "count = [0]\n"
+        "def counted(self, name):\n"
+        "    count[0] += 1\n"
+        f"    if count[0] % 100 == 0: open({str(calls)!r}, 'w').write(str(count[0]))\n"
+        "    return made(self, name)\n"
+        "Profiler.profile = counted\n"
+    )
+    env = {"PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{hooks}"}
+    result = train(train_npz, tmp_path / "run", env_extra=env, args=("--loggers", "csv"), model="mlp", batch_size=32, epochs=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((tmp_path / "run" / "train.json").read_text())["global_step"] == 2 * -(-1000 // 32)
+    made = int(calls.read_text()) if calls.exists() else 0
+    assert made < 100, f"{made} profiling contexts made"
+
+
 def test_git_state_is_none_without_a_commit(tmp_path):
     """A checkout with no commit yet (a copied working tree under `git init`) records no commit,
     not git's "HEAD"; a commit is recorded with whether tracked files differ from it."""

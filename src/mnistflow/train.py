@@ -272,7 +272,7 @@ def train(args, run: dict, geometry: Geometry, granted: dict, threads: int, iden
     from pytorch_lightning.utilities.exceptions import SIGTERMException
 
     from .atomic import write_json, write_text
-    from .callbacks import Progress, ResumeState, SaveAndStop, Throughput
+    from .callbacks import NoProfiler, Progress, ResumeState, SaveAndStop, Throughput
     from .datamodule import MNISTDataModule
     from .model import MNISTClassifier
 
@@ -345,6 +345,7 @@ def train(args, run: dict, geometry: Geometry, granted: dict, threads: int, iden
             resume_state,
         ],
         plugins=plugins,
+        profiler=NoProfiler(),
         enable_progress_bar=False,
         enable_model_summary=False,
         deterministic=False,
