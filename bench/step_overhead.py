@@ -19,6 +19,11 @@ each of the workflow's additions shows what it costs:
 5. with the callbacks (last.ckpt, throughput, progress, save-and-stop, resume state);
 6. `mnistflow.train.main` as the workflow's train rule calls it (the data module, records).
 
+Two of the entry point's changes are measured on their own, in blocks of steps with and
+without them in turn (alike for both, so a drift of the machine's speed falls on both):
+Lightning's NVML-based CUDA check (plain_cuda_check), on the hand-written step, and
+Lightning's default profiler in place of callbacks.NoProfiler, within the entry point's fit.
+
 Recorded: for each rung, the medians over `--repeats` runs of the per-step medians and of
 the paired differences; `step_overhead_us` is rung 6's. Then a cProfile of one more run of
 the entry point: where the per-step time goes, by the functions that take it.
@@ -37,6 +42,7 @@ import pstats
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -46,9 +52,10 @@ import lockstep  # noqa: E402
 import pytorch_lightning as pl  # noqa: E402
 import torch  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
+from pytorch_lightning.profilers import PassThroughProfiler  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from mnistflow.callbacks import Progress, ResumeState, SaveAndStop, Throughput  # noqa: E402
+from mnistflow.callbacks import NoProfiler, Progress, ResumeState, SaveAndStop, Throughput  # noqa: E402
 from mnistflow.config import RECIPE, RUNTIME  # noqa: E402
 from mnistflow.datamodule import MNISTDataModule, TensorSplit  # noqa: E402
 from mnistflow.model import MNISTClassifier  # noqa: E402
@@ -155,14 +162,16 @@ class Ladder:
         lockstep.run_trainer(module, self.loader(), callback, log_every_n_steps=10, **extra)
         return callback.figures()
 
-    def entry_point(self, profile: cProfile.Profile | None = None):
-        """In lockstep; or, with `profile`, alone (no hand-written steps in its profile)."""
+    def entry_point(self, profile: cProfile.Profile | None = None, callback=None):
+        """In lockstep; or, with `profile`, alone (no hand-written steps in its profile); or with
+        `callback` in place of the lockstep's."""
         out = Path(tempfile.mkdtemp(dir=self.tmp))
         argv = ["--run", "overhead", "--params", json.dumps(SETTINGS), "--train-data", str(self.train), *folder_args(out),
                 "--val-size", str(VAL_SIZE), "--train-limit", str(self.limit and self.limit + VAL_SIZE),
                 "--threads", str(self.threads), "--loggers", ",".join(RUNTIME["loggers"]),
                 "--checkpoint-every-s", "600", "--progress-every-s", "60"]
-        callback = None if profile else self.hand()
+        own = callback is not None
+        callback = callback or (None if profile else self.hand())
         if profile:
             profile.enable()
             code = train_main(argv)
@@ -170,7 +179,8 @@ class Ladder:
         else:
             code = lockstep.run_entry_point(argv, callback)
         assert code == 0, code
-        return callback and callback.figures(), json.loads((out / "train.json").read_text())["global_step"]
+        figures = callback.figures() if callback and not own else None
+        return figures, json.loads((out / "train.json").read_text())["global_step"]
 
     def rungs(self):
         model = lambda: MNISTClassifier(model="mlp", lr=SETTINGS["lr"])  # noqa: E731
@@ -194,7 +204,6 @@ def nvml_probe_cost(ladder: Ladder, rounds: int = 20, block: int = 50) -> dict:
     Lightning, until it turned the check off.
     """
     import os
-    import time
 
     step = ladder.hand().hand
     times = {"on": [], "off": []}
@@ -212,6 +221,44 @@ def nvml_probe_cost(ladder: Ladder, rounds: int = 20, block: int = 50) -> dict:
     on, off = (statistics.median(times[state]) * 1e6 for state in ("on", "off"))
     return {"with_check_us": round(on, 1), "without_us": round(off, 1), "probe_us": round(on - off, 1),
             "steps_each": rounds * block}
+
+
+class SwapProfilers(pl.Callback):
+    """Lightning's default profiler and callbacks.NoProfiler in turn, `block` training steps
+    each, in one fit; each step's time (from one step's end to the next's) under the one it
+    ran with. Both profile nothing, so swapping them mid-fit changes nothing else."""
+
+    def __init__(self, block: int):
+        self.block = block
+        self.profilers = {"default": PassThroughProfiler(), "NoProfiler": NoProfiler()}
+        self.times = {name: [] for name in self.profilers}
+        self._mark = self._current = None
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self._mark = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        now = time.perf_counter()
+        if self._mark is not None:
+            self.times[self._current].append(now - self._mark)
+        self._current = list(self.profilers)[(batch_idx + 1) // self.block % 2]
+        trainer.profiler = self.profilers[self._current]
+        self._mark = time.perf_counter()
+
+
+def profiler_cost(ladder: Ladder, runs: int = 3, block: int = 50) -> dict:
+    """What Lightning's default profiler costs the entry point a step more than NoProfiler:
+    medians of the step times under each, in blocks within each of `runs` fits."""
+    swaps = []
+    for _ in range(runs):
+        swap = SwapProfilers(block)
+        ladder.entry_point(callback=swap)
+        swaps.append(swap)
+    default, own = (statistics.median(t for swap in swaps for t in swap.times[name]) * 1e6
+                    for name in ("default", "NoProfiler"))
+    return {"default_profiler_us": round(default, 1), "no_profiler_us": round(own, 1),
+            "gain_us": round(default - own, 1), "runs": runs, "block": block,
+            "steps_each": sum(len(swap.times["NoProfiler"]) for swap in swaps)}
 
 
 def where_it_goes(stats: pstats.Stats, steps: int) -> dict:
@@ -242,6 +289,7 @@ def main() -> None:
             for name, run in rungs.items():
                 runs[name].append(run())
         probe = nvml_probe_cost(ladder)
+        profiler = profiler_cost(ladder)
         profile = cProfile.Profile()
         _, steps = ladder.entry_point(profile)
     ladder_figures = {
@@ -271,6 +319,7 @@ def main() -> None:
         "ours_us_per_step_median": entry["ours_us"],
         "step_overhead_us": entry["overhead_us"],
         "nvml_probe": probe,
+        "default_profiler": profiler,
         "profiled_steps": steps,
         "profiled_us_per_step_by_place": places,
     }
@@ -290,6 +339,11 @@ def main() -> None:
         f"a step with it, {probe['without_us']} without, **{probe['probe_us']} µs** a step that the entry point paid "
         "more than a hand-written script until it turned the check off (both sides of the lockstep run in one "
         "process, so the ladder does not show it).",
+        "",
+        f"Lightning's default profiler (PassThroughProfiler) in place of the entry point's NoProfiler, swapped in "
+        f"blocks of {profiler['block']} steps within {profiler['runs']} fits of the entry point "
+        f"({profiler['steps_each']} steps each): {profiler['default_profiler_us']} µs a step with the default, "
+        f"{profiler['no_profiler_us']} with NoProfiler, **{profiler['gain_us']} µs** a step that NoProfiler saves.",
         "",
         "Where the entry point spends a step, in one more run on its own (no lockstep), under cProfile (which "
         "slows Python calls: compare the places, not these with the timings above). Cumulative over the "
