@@ -2,7 +2,7 @@
 
 Part of the conda TEST DOUBLE (see tests/conda/__init__.py), for running the real
 workflow's rules under ``--sdm conda`` offline.  The rules run ``python -m mnistflow.<step>``
-and need torch, torchvision, Lightning and matplotlib; the local test channel holds only
+and need torch, Lightning and matplotlib; the local test channel holds only
 tiny packages.  An environment that lists ``venv-python`` gets ``bin/python`` (and
 ``bin/python3``): a ``/bin/sh`` script that execs the interpreter running the tests
 (``sys.executable`` when the channel is built, normally ``.venv/bin/python``).
