@@ -226,7 +226,7 @@ class ResumeState(pl.Callback):
 class NoProfiler(PassThroughProfiler):
     """Profiles nothing, as Lightning's default PassThroughProfiler does, at less cost a call.
 
-    Lightning wraps each hook call (about a hundred a step, each callback's included) in
+    Lightning wraps each hook call (about fifty a step, each callback's included) in
     `profiler.profile(name)`. The default's `profile` makes a generator-based context manager
     each time; this one hands back one shared null context (bench/README.md, "Per-step
     overhead").
