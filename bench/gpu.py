@@ -10,7 +10,8 @@ each written to `<out>/gpu.json` as soon as it ends, each skipped when the time 
 
 a. throughput of the examples CNN with the whole dataset on the GPU, bf16 autocast: a plain
    loop, and our LightningModule with our data module as the workflow runs them (the data
-   module holds the splits on the device);
+   module holds the splits on the device); and how often our step makes the host wait for
+   the GPU (torch's sync debug mode), and from where;
 b. time to 98% / 99% test accuracy, plain loop, data on the GPU, bf16, several recipes;
 c. `python -m mnistflow.train` on the GPU: 1 process (nodes=1, devices=1, accelerator gpu),
    then DDP with 2 node processes sharing the one GPU through the local launcher
@@ -128,6 +129,46 @@ def lightning_throughput(train_npz, device, batch, steps, warmup, tmp):
     return batch * steps / clock.s
 
 
+def lightning_syncs(train_npz, device, batch, steps, warmup, tmp) -> dict:
+    """How often our training step makes the host wait for the GPU: a short fit of our module
+    and data module under torch's sync debug mode, which warns at each synchronizing call;
+    the warnings after `warmup` steps, per step, and where they come from (file:line of the
+    Python frame that made the call). Not timed: the mode slows each sync."""
+    import collections
+    import warnings
+
+    import pytorch_lightning as pl
+
+    from mnistflow.datamodule import MNISTDataModule
+    from mnistflow.model import MNISTClassifier
+
+    if device.type != "cuda":
+        return {"batch": batch, "syncs_per_step": None, "note": "no GPU (rehearsal)"}
+
+    class Mark(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, b, i):
+            if trainer.global_step == warmup:
+                self.start = len(caught)
+
+    mark = Mark()
+    out = Path(tmp) / f"syncs_{batch}"
+    trainer = pl.Trainer(accelerator="gpu", devices=1, max_epochs=1, max_steps=warmup + steps, precision="bf16-mixed",
+                         default_root_dir=out, logger=False, enable_checkpointing=False, callbacks=[mark],
+                         enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=10, limit_val_batches=0)
+    dm = MNISTDataModule(train_npz, batch_size=batch, val_size=500, seed=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            trainer.fit(MNISTClassifier(), datamodule=dm)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    measured = [w for w in caught[mark.start:] if "synchroniz" in str(w.message)]
+    places = collections.Counter(f"{w.filename}:{w.lineno}" for w in measured)
+    return {"batch": batch, "steps": steps, "syncs": len(measured), "syncs_per_step": round(len(measured) / steps, 3),
+            "places": dict(places.most_common(8))}
+
+
 def tiled_train(src: Path, times: int, tmp) -> Path:
     """The training split repeated `times` over, so an epoch outlasts the measured steps."""
     from mnistflow.data import load_split, write_arrays
@@ -160,6 +201,11 @@ def section_throughput(args, device, tmp):
         except Exception as err:  # record and go on
             rows.append({"path": "ours", "batch": batch, "error": repr(err)[-500:]})
         print(rows[-1], flush=True)
+    try:  # log_every_n_steps=10: Lightning reads the logged loss back every 10 steps, 0.1 a step
+        RESULT["syncs"] = lightning_syncs(tiled, device, 512, lsteps, lwarm, tmp)
+    except Exception as err:
+        RESULT["syncs"] = {"error": repr(err)[-500:]}
+    print(RESULT["syncs"], flush=True)
     plain = {r["batch"]: r["samples_per_s"] for r in rows if r["path"].startswith("plain") and r["precision"] == "bf16" and not r.get("channels_last")}
     for r in rows:
         if r["path"].startswith("ours") and "samples_per_s" in r and r["batch"] in plain:

@@ -20,6 +20,12 @@ def render(d: dict) -> str:
         md.append(common.table(["path", "batch", "precision", "samples/s", "/ plain loop (bf16, same batch)"],
                            [[r["path"] + (" (channels-last)" if r.get("channels_last") else ""), r["batch"], r.get("precision"),
                              r.get("samples_per_s", r.get("error")), r.get("over_plain")] for r in d["throughput"]]))
+    syncs = d.get("syncs")
+    if syncs and syncs.get("syncs_per_step") is not None:
+        md.append(f"\n\nThe host waited for the GPU {syncs['syncs_per_step']} times a step in our training step "
+                  f"(batch {syncs['batch']}, {syncs['steps']} steps, torch's sync debug mode; Lightning reads the logged "
+                  "loss back every 10 steps, 0.1 a step). Where from:\n")
+        md.append(common.table(["place", "syncs"], [[place, n] for place, n in syncs["places"].items()]))
     tta = d.get("time_to_accuracy")
     if tta:
         best99 = tta.get("fastest_to_99")

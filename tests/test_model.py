@@ -114,3 +114,47 @@ def test_splits_are_held_on_the_trainers_device(tmp_path, mirror):
     assert x.device == device and x.shape == (64, 1, 28, 28) and y.device == device
     x, _ = next(iter(dm.val_dataloader()))
     assert x.device == device
+
+
+def test_training_step_reads_no_value_back_and_trains_as_the_mean_loss():
+    """The step asks no tensor for its value (on a GPU each such read, like the NaN check
+    MeanMetric makes by default, would make the host wait for the device every step); its
+    gradients are F.cross_entropy's mean's, bit for bit; and the epoch's mean over uneven
+    batches is the mean over samples, not over batches."""
+    from types import SimpleNamespace
+
+    from torch.nn import functional as F
+    from torch.overrides import TorchFunctionMode
+
+    class Reads(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            self.names.append(getattr(func, "__name__", str(func)))
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    module = MNISTClassifier(model="mlp")
+    module._trainer = SimpleNamespace(log_every_n_steps=0, is_last_batch=False, global_step=0)
+    batches = [(torch.randn(n, 1, 28, 28), torch.randint(0, 10, (n,))) for n in (64, 64, 17)]
+    losses = []
+    for x, y in batches:
+        torch.manual_seed(1)  # the same dropout masks in both passes
+        module.zero_grad()
+        with Reads() as reads:
+            loss = module.training_step((x, y), 0)
+        loss.backward()
+        assert not {"__bool__", "item", "tolist", "any", "all", "isnan", "nonzero"} & set(reads.names), reads.names
+        ours = [p.grad.clone() for p in module.parameters()]
+        torch.manual_seed(1)
+        module.zero_grad()
+        F.cross_entropy(module(x), y).backward()
+        assert all(torch.equal(a, p.grad) for a, p in zip(ours, module.parameters()))
+        torch.manual_seed(1)
+        with torch.no_grad():
+            losses.append(F.cross_entropy(module(x), y, reduction="none"))
+    by_sample = torch.cat(losses).mean()
+    by_batch = torch.stack([each.mean() for each in losses]).mean()
+    assert torch.allclose(module.train_loss_mean.compute(), by_sample) and not torch.allclose(by_sample, by_batch)

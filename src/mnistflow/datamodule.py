@@ -31,7 +31,12 @@ class TensorSplit(Dataset):
 
     def __getitems__(self, indices):
         # DataLoader hands the whole batch's indices here when this method exists.
-        idx = torch.as_tensor(indices, device=self.x.device)
+        if self.x.is_cuda:
+            # From pinned memory, without blocking: a copy from pageable memory would make the
+            # host wait for every step queued on the GPU before it, at every batch.
+            idx = torch.as_tensor(indices).pin_memory().to(self.x.device, non_blocking=True)
+        else:
+            idx = torch.as_tensor(indices, device=self.x.device)
         return self.x[idx], self.y[idx]
 
     def to(self, device: torch.device) -> "TensorSplit":

@@ -30,8 +30,12 @@ class MNISTClassifier(pl.LightningModule):
         self.save_hyperparameters()
         self.net = NETWORKS[model](num_classes)
         # The epoch's mean training loss, kept in the module's state so that it travels in a
-        # mid-epoch checkpoint: a resumed epoch's mean covers every batch of the epoch.
-        self.train_loss_mean = MeanMetric()
+        # mid-epoch checkpoint: a resumed epoch's mean covers every batch of the epoch. Fed
+        # each sample's loss, with no NaN check: the check (`nans.any()`) makes the host wait
+        # for the GPU at every step, and nan_strategy="disable" drops weights
+        # (torchmetrics#3434), which per-sample losses do not need. A NaN loss makes the
+        # epoch's mean NaN, as it should.
+        self.train_loss_mean = MeanMetric(nan_strategy="disable")
         self.train_loss_mean.persistent(True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -39,8 +43,9 @@ class MNISTClassifier(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x, y = batch
-        loss = F.cross_entropy(self(x), y)
-        self.train_loss_mean.update(loss.detach(), weight=len(y))
+        losses = F.cross_entropy(self(x), y, reduction="none")
+        loss = losses.mean()
+        self.train_loss_mean.update(losses.detach())
         # self.log is costly per call (bench/README.md, "Per-step overhead"), so each value is
         # logged when the loggers take it: the step loss (this process's) every
         # log_every_n_steps steps, the epoch mean once, at the epoch's last batch (averaged
