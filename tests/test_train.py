@@ -113,38 +113,42 @@ def test_progress_within_long_epochs_every_interval(train_npz, tmp_path):
     assert not list(tmp_path.rglob("events.out.tfevents.*"))
 
 
-def test_optimizer_steps_do_not_probe_nvml(train_npz, tmp_path):
-    """Lightning's import turns on torch's NVML-based CUDA check, which AdamW's every step then
-    pays by loading NVML (plain_cuda_check); the entry point turns it off, so the number of
-    loads does not grow with the steps. Counted by an audit hook on ctypes' dlopen."""
+def train_with_site_hook(train_npz, tmp_path, sitecustomize: str) -> int:
+    """A 64-step run with `sitecustomize` run first in the training process; its step count."""
     hooks = tmp_path / "hooks"
     hooks.mkdir()
-    loads = tmp_path / "nvml-loads"
-    (hooks / "sitecustomize.py").write_text(
-        "import sys\n"
-        "def count(event, args):\n"
-        "    if event == 'ctypes.dlopen' and 'nvidia-ml' in str(args[0]):\n"
-        f"        with open({str(loads)!r}, 'a') as f: f.write('load\\n')\n"
-        "sys.addaudithook(count)\n"
-    )
+    (hooks / "sitecustomize.py").write_text(sitecustomize)
     env = {"PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{hooks}"}
     result = train(train_npz, tmp_path / "run", env_extra=env, args=("--loggers", "csv"), model="mlp", batch_size=32, epochs=2)
     assert result.returncode == 0, result.stderr[-3000:]
     steps = json.loads((tmp_path / "run" / "train.json").read_text())["global_step"]
     assert steps == 2 * -(-1000 // 32)
+    return steps
+
+
+def test_optimizer_steps_do_not_probe_nvml(train_npz, tmp_path):
+    """Lightning's import turns on torch's NVML-based CUDA check, which AdamW's every step then
+    pays by loading NVML (plain_cuda_check); the entry point turns it off, so the number of
+    loads does not grow with the steps. Counted by an audit hook on ctypes' dlopen."""
+    loads = tmp_path / "nvml-loads"
+    steps = train_with_site_hook(train_npz, tmp_path, (
+        "import sys\n"
+        "def count(event, args):\n"
+        "    if event == 'ctypes.dlopen' and 'nvidia-ml' in str(args[0]):\n"
+        f"        with open({str(loads)!r}, 'a') as f: f.write('load\\n')\n"
+        "sys.addaudithook(count)\n"
+    ))
     counted = len(loads.read_text().splitlines()) if loads.exists() else 0
     assert counted < 10, f"NVML loaded {counted} times in {steps} steps"
 
 
 def test_hook_calls_make_no_context_manager_each(train_npz, tmp_path):
-    """Lightning wraps every hook call in `trainer.profiler.profile(name)`, about a hundred a
-    step. The entry point's profiler (callbacks.NoProfiler) hands back one shared context, not
-    the generator-based one Lightning's default makes at every call: counted over a run by
-    wrapping that default, which a default Trainer calls thousands of times in these steps."""
-    hooks = tmp_path / "hooks"
-    hooks.mkdir()
+    """Lightning wraps every hook call in `trainer.profiler.profile(name)`, about fifty a step.
+    The entry point's profiler (callbacks.NoProfiler) hands back one shared context, not the
+    generator-based one Lightning's default makes at every call: counted over a run by
+    wrapping that default, which a default Trainer calls some 3,300 times in these steps."""
     calls = tmp_path / "profile-calls"
-    (hooks / "sitecustomize.py").write_text(
+    train_with_site_hook(train_npz, tmp_path, (
         "from pytorch_lightning.profilers.profiler import Profiler\n"
         "made = Profiler.profile\n"
         "count = [0]\n"
@@ -153,11 +157,7 @@ def test_hook_calls_make_no_context_manager_each(train_npz, tmp_path):
         f"    if count[0] % 100 == 0: open({str(calls)!r}, 'w').write(str(count[0]))\n"
         "    return made(self, name)\n"
         "Profiler.profile = counted\n"
-    )
-    env = {"PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{hooks}"}
-    result = train(train_npz, tmp_path / "run", env_extra=env, args=("--loggers", "csv"), model="mlp", batch_size=32, epochs=2)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads((tmp_path / "run" / "train.json").read_text())["global_step"] == 2 * -(-1000 // 32)
+    ))
     made = int(calls.read_text()) if calls.exists() else 0
     assert made < 100, f"{made} profiling contexts made"
 
