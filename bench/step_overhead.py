@@ -291,7 +291,7 @@ def main() -> None:
             for name, run in rungs.items():
                 runs[name].append(run())
         probe = nvml_probe_cost(ladder)
-        profiler = profiler_cost(ladder)
+        profiler = profiler_cost(ladder, runs=min(args.repeats, 3))
         profile = cProfile.Profile()
         _, steps = ladder.entry_point(profile)
     ladder_figures = {

@@ -12,7 +12,7 @@
    64, 1 epoch: ~1.8x the compute), to show the same machinery against more compute.
 3. Python import time of each rule's entry point (the modules a run of it imports).
 
-    PYTHONPATH=src .venv/bin/python bench/workflow_overhead.py [--quick] [--skip-chain]
+    PYTHONPATH=src .venv/bin/python bench/workflow_overhead.py [--quick] [--skip-chain] [--no-previous-default]
 """
 
 from __future__ import annotations
@@ -237,6 +237,7 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=5, help="dry runs of each size; best and median recorded (load only ever slows one down)")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--skip-chain", action="store_true")
+    p.add_argument("--no-previous-default", action="store_true", help="skip the chain with the previous default recipe")
     p.add_argument("--no-as-installed", action="store_true", help="skip the dry runs with the Slurm probe left as installed")
     args = p.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -251,7 +252,8 @@ def main(argv=None):
     record["import_s"], record["teardown_s"] = import_times(1 if args.quick else 3)
     if not args.skip_chain:
         record["chain"] = chain(args.quick)
-        record["chain_previous_default"] = chain(args.quick, PREVIOUS_DEFAULT)
+        if not args.no_previous_default:
+            record["chain_previous_default"] = chain(args.quick, PREVIOUS_DEFAULT)
     md = (f"Dry run (`snakemake --dry-run`, whole command, best and median of {repeats}; half the runs single-process, half 2-node DDP), "
           "with the Slurm plugin's `scontrol show config` probe short-circuited, and as installed on this machine "
           "(Slurm client present, no controller running: the probe waits ~9 s at every snakemake start):\n\n")
@@ -276,7 +278,8 @@ def main(argv=None):
                            [[k, r["world_size"], r["fit_s"], r["predict_s"], r["train_job_s"], r["evaluate_job_s"], r["samples_per_s"], r["test_acc"]]
                             for k, r in c["runs"].items()])
         md += "\n\nEvery job (Snakemake `benchmark:` seconds):\n\n" + common.table(["job", "s"], [[k, v] for k, v in c["jobs_s"].items()])
-        old = record["chain_previous_default"]
+    old = record.get("chain_previous_default")
+    if old:
         md += (f"\n\nThe same chain with the previous default recipe ({old['train_overrides']}): wall {old['wall_s']} s; "
                f"compute {old['compute_s']} s; overhead **{old['overhead_fraction']:.1%}** ({old['overhead_s']} s); "
                f"test accuracy " + ", ".join(f"{k} {r['test_acc']}" for k, r in old["runs"].items()) + ".")
