@@ -102,6 +102,7 @@ def lightning_throughput(train_npz, device, batch, steps, warmup, tmp):
     from pytorch_lightning.callbacks import ModelCheckpoint
     from pytorch_lightning.loggers import CSVLogger
 
+    from mnistflow.callbacks import NoProfiler
     from mnistflow.datamodule import MNISTDataModule
     from mnistflow.model import MNISTClassifier
 
@@ -122,6 +123,7 @@ def lightning_throughput(train_npz, device, batch, steps, warmup, tmp):
         max_epochs=1, max_steps=warmup + steps, precision="bf16-mixed", default_root_dir=out,
         logger=CSVLogger(save_dir=out, name="logs", version=""),
         callbacks=[ModelCheckpoint(dirpath=out / "checkpoints", save_top_k=0, save_last=True), clock],
+        profiler=NoProfiler(),
         enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=10, limit_val_batches=0,
     )
     dm = MNISTDataModule(train_npz, batch_size=batch, val_size=500, seed=0)

@@ -151,7 +151,7 @@ def ours(train_npz, batch_size, warmup, measured, threads, seed=42, val_size=500
     from mnistflow.datamodule import MNISTDataModule
     from mnistflow.geometry import Geometry
     from mnistflow.model import MNISTClassifier
-    from mnistflow.callbacks import ResumeState, SaveAndStop, Throughput
+    from mnistflow.callbacks import NoProfiler, ResumeState, SaveAndStop, Throughput
     from mnistflow.signals import StopSignals
 
     # The comparison's network and the bare loop's lr (recipe_optimizer), not the default recipe's.
@@ -187,6 +187,7 @@ def ours(train_npz, batch_size, warmup, measured, threads, seed=42, val_size=500
                        # train.py's: it checks for a stop signal and the checkpoint interval at every batch end
                        SaveAndStop(StopSignals(()), out / "checkpoints" / "last.ckpt", 600, 10),
                        ResumeState({}, 1), clock, *extra_callbacks],
+            profiler=NoProfiler(),
             enable_progress_bar=False,
             enable_model_summary=False,
             deterministic=False,
