@@ -96,8 +96,9 @@ def plain_throughput(x, y, device, batch, steps, warmup, bf16=True, channels_las
     return batch * steps / (time.perf_counter() - t0)
 
 
-def lightning_throughput(train_npz, device, batch, steps, warmup, tmp):
-    """Our MNISTClassifier and MNISTDataModule under a Trainer configured as train.py does, bf16-mixed."""
+def fit_as_the_workflow(train_npz, device, batch, max_steps, out: Path, callback) -> None:
+    """Our MNISTClassifier and MNISTDataModule under a Trainer configured as train.py does
+    (CSV logger, last.ckpt, NoProfiler), bf16-mixed, with `callback` added."""
     import pytorch_lightning as pl
     from pytorch_lightning.callbacks import ModelCheckpoint
     from pytorch_lightning.loggers import CSVLogger
@@ -105,6 +106,22 @@ def lightning_throughput(train_npz, device, batch, steps, warmup, tmp):
     from mnistflow.callbacks import NoProfiler
     from mnistflow.datamodule import MNISTDataModule
     from mnistflow.model import MNISTClassifier
+
+    pl.seed_everything(0, verbose=False)
+    trainer = pl.Trainer(
+        accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, num_nodes=1, strategy="auto",
+        max_epochs=1, max_steps=max_steps, precision="bf16-mixed", default_root_dir=out,
+        logger=CSVLogger(save_dir=out, name="logs", version=""),
+        callbacks=[ModelCheckpoint(dirpath=out / "checkpoints", save_top_k=0, save_last=True), callback],
+        profiler=NoProfiler(),
+        enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=10, limit_val_batches=0,
+    )
+    trainer.fit(MNISTClassifier(), datamodule=MNISTDataModule(train_npz, batch_size=batch, val_size=500, seed=0))
+
+
+def lightning_throughput(train_npz, device, batch, steps, warmup, tmp):
+    """Samples/s of fit_as_the_workflow over `steps` after `warmup`."""
+    import pytorch_lightning as pl
 
     class Clock(pl.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, b, i):
@@ -115,34 +132,20 @@ def lightning_throughput(train_npz, device, batch, steps, warmup, tmp):
                 sync(device)
                 self.s = time.perf_counter() - self.t0
 
-    pl.seed_everything(0, verbose=False)
     clock = Clock()
-    out = Path(tmp) / f"pl_{batch}"
-    trainer = pl.Trainer(
-        accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, num_nodes=1, strategy="auto",
-        max_epochs=1, max_steps=warmup + steps, precision="bf16-mixed", default_root_dir=out,
-        logger=CSVLogger(save_dir=out, name="logs", version=""),
-        callbacks=[ModelCheckpoint(dirpath=out / "checkpoints", save_top_k=0, save_last=True), clock],
-        profiler=NoProfiler(),
-        enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=10, limit_val_batches=0,
-    )
-    dm = MNISTDataModule(train_npz, batch_size=batch, val_size=500, seed=0)
-    trainer.fit(MNISTClassifier(), datamodule=dm)
+    fit_as_the_workflow(train_npz, device, batch, warmup + steps, Path(tmp) / f"pl_{batch}", clock)
     return batch * steps / clock.s
 
 
 def lightning_syncs(train_npz, device, batch, steps, warmup, tmp) -> dict:
-    """How often our training step makes the host wait for the GPU: a short fit of our module
-    and data module under torch's sync debug mode, which warns at each synchronizing call;
-    the warnings after `warmup` steps, per step, and where they come from (file:line of the
-    Python frame that made the call). Not timed: the mode slows each sync."""
+    """How often our training step makes the host wait for the GPU: a short fit_as_the_workflow
+    under torch's sync debug mode, which warns at each synchronizing call; the warnings after
+    `warmup` steps, per step, and where they come from (file:line of the Python frame that
+    made the call). Not timed: the mode slows each sync."""
     import collections
     import warnings
 
     import pytorch_lightning as pl
-
-    from mnistflow.datamodule import MNISTDataModule
-    from mnistflow.model import MNISTClassifier
 
     if device.type != "cuda":
         return {"batch": batch, "syncs_per_step": None, "note": "no GPU (rehearsal)"}
@@ -153,16 +156,11 @@ def lightning_syncs(train_npz, device, batch, steps, warmup, tmp) -> dict:
                 self.start = len(caught)
 
     mark = Mark()
-    out = Path(tmp) / f"syncs_{batch}"
-    trainer = pl.Trainer(accelerator="gpu", devices=1, max_epochs=1, max_steps=warmup + steps, precision="bf16-mixed",
-                         default_root_dir=out, logger=False, enable_checkpointing=False, callbacks=[mark],
-                         enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=10, limit_val_batches=0)
-    dm = MNISTDataModule(train_npz, batch_size=batch, val_size=500, seed=0)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            trainer.fit(MNISTClassifier(), datamodule=dm)
+            fit_as_the_workflow(train_npz, device, batch, warmup + steps, Path(tmp) / f"syncs_{batch}", mark)
         finally:
             torch.cuda.set_sync_debug_mode(0)
     measured = [w for w in caught[mark.start:] if "synchroniz" in str(w.message)]
