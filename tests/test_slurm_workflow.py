@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -231,18 +233,40 @@ def test_interrupted_training_resumes_to_the_uninterrupted_weights(slurm_cluster
         assert len(slurm_jobs(wf)["train/long" if geometry == SINGLE else "train_ddp/long"]) == 2, slurm_jobs(wf)
 
 
+def _training_processes(run: str) -> list[int]:
+    """The pids of `python -m mnistflow.train --run <run>` on this machine (the test nodes' processes)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"mnistflow.train" in argv and b"-m" in argv and (b"--run", run.encode()) in zip(argv, argv[1:]):
+            pids.append(int(proc.name))
+    return pids
+
+
+def _elapsed_s(cluster, jobid: int) -> int:
+    """How long a running job has run, from squeue's [H:]M:SS (0 before it runs)."""
+    out = subprocess.run(["squeue", "-h", "-j", str(jobid), "-o", "%M"], capture_output=True, text=True, env=cluster.env()).stdout
+    parts = out.strip().split(":")
+    return sum(int(p) * 60**i for i, p in enumerate(reversed(parts))) if all(p.isdigit() for p in parts) else 0
+
+
 def test_training_past_its_time_limit_saves_at_slurms_sigterm_and_resumes(slurm_cluster, tmp_path_factory, mirror):
-    """A real time limit, without the USR1 warning (slurm_extra ''). Once the job trains, its
-    limit is lowered to 1 minute (`scontrol update`, as an admin can); Slurm ends it there
-    with SIGTERM (then SIGKILL after KillWait, 5 s here). The rank saves at once, the job ends
-    TIMEOUT, and Snakemake's retry, under the rule's own limit, resumes and trains every step
-    once. (Submitted with a 1-minute limit, the retry would race the same limit, which Slurm
-    enforces anywhere from 60 to 90 s in: its checks are 30 s apart.)"""
+    """A real time limit, without the USR1 warning (slurm_extra ''). Once the job has saved its
+    first epoch, its limit is lowered to 1 minute (`scontrol update`, as an admin can); Slurm
+    ends it at its next check, 60 to 90 s into the job, with SIGTERM (then SIGKILL after
+    KillWait, 5 s here). So that the job is mid-run then on a machine of any speed, with no
+    more training than that needs, its training process is stopped (SIGSTOP) until the job is
+    55 s old and then trains on. The rank saves at once, the job ends TIMEOUT, and Snakemake's
+    retry, under the rule's own limit, resumes and trains every step once. (Submitted with a
+    1-minute limit, the retry would race the same limit.)"""
+    # 9 epochs after the stop: about 65 s here, past Slurm's last possible check 35 s after it
+    epochs = 10
     wf = Workflow(copy_workflow(tmp_path_factory.mktemp("time-limit")), [TEST_CONFIG])
     wf.write_config("mirror.yaml", mirror.overlay())
-    # about 2 minutes of training here (1,500 samples/s): longer than the first job's 60-90 s,
-    # with room for a faster machine
-    wf.write_config("extra.yaml", {"runs": {"long": {"model": "cnn", "epochs": 24, **SINGLE}}})
+    wf.write_config("extra.yaml", {"runs": {"long": {"model": "cnn", "epochs": epochs, **SINGLE}}})
     proc = subprocess.Popen(
         ["timeout", "-k", "10", "600", *wf.command("results/runs/long/train.json", *SLURM_ARGS,
                                                     "--set-resources", "train:slurm_extra=''")],
@@ -250,7 +274,11 @@ def test_training_past_its_time_limit_saves_at_slurms_sigterm_and_resumes(slurm_
     )
     jobid = _wait_for(lambda: _running_train_job(slurm_cluster, wf), 300, "the running training job")
     _wait_for(wf.path("results/runs/long/checkpoints/last.ckpt").exists, 180, "the first epoch's checkpoint")
+    [pid] = _training_processes("long")
+    os.kill(pid, signal.SIGSTOP)
     slurm_cluster.run(["scontrol", "update", f"JobId={jobid}", "TimeLimit=1"], timeout=10)
+    _wait_for(lambda: _elapsed_s(slurm_cluster, jobid) >= 55, 120, "the job to be 55 s old")
+    os.kill(pid, signal.SIGCONT)
     out, _ = proc.communicate(timeout=620)
     assert proc.returncode == 0, out[-6000:] + wf.logs_tail()
     record = json.loads(wf.path("results/runs/long/train.json").read_text())
@@ -263,11 +291,13 @@ def test_training_past_its_time_limit_saves_at_slurms_sigterm_and_resumes(slurm_
     assert retry["State"] == "COMPLETED" and retry["Timelimit"] == "01:00:00", retry
     # every batch of every epoch once, over the attempts
     steps_per_epoch = -(-(8000 - 500) // 128)  # .test data: 8,000 training images, 500 held out; batch 128
-    assert record["epochs"] == 24 and record["global_step"] == 24 * steps_per_epoch, record
+    assert record["epochs"] == epochs and record["global_step"] == epochs * steps_per_epoch, record
     assert sum(a["steps_trained"] for a in attempts) == record["global_step"], attempts
+    # the first attempt stopped mid-run: it trained its first epoch, and the retry the rest
+    assert steps_per_epoch <= attempts[0]["steps_trained"] < record["global_step"], attempts
     with open(wf.path("results/runs/long/metrics.csv")) as fh:
         rows = list(csv.DictReader(fh))
-    assert [int(float(r["epoch"])) for r in rows if r.get("val_acc")] == list(range(24))
+    assert [int(float(r["epoch"])) for r in rows if r.get("val_acc")] == list(range(epochs))
     logged = [int(r["step"]) for r in rows if r.get("train_loss_step")]
     assert logged == sorted(set(logged)), "a step was logged twice"
 
