@@ -1,6 +1,7 @@
 """Render bench/results/gpu_*.json (written by bench/gpu.py on a GPU machine) as gpu_*.md tables.
 
-    python bench/gpu_report.py            # every bench/results/gpu_*.json
+    python bench/gpu_report.py                    # every bench/results/gpu_*.json
+    python bench/gpu_report.py OUT/gpu.json       # one device run's, written beside it as OUT/gpu.md
 """
 
 import json
@@ -71,8 +72,8 @@ def render(d: dict) -> str:
     return "\n".join(md) + "\n"
 
 
-def main():
-    for path in sorted(common.RESULTS.glob("gpu_*.json")):
+def main(paths: list[str]):
+    for path in [Path(p) for p in paths] or sorted(common.RESULTS.glob("gpu_*.json")):
         d = json.loads(path.read_text())
         if "torch" not in d:  # not bench/gpu.py's: gpu_entrypoint.json (2026-11-28, a script since folded into gpu.py) has its own .md
             continue
@@ -82,4 +83,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])
