@@ -4,7 +4,7 @@
     PYTHONPATH=src .venv/bin/python bench/gpu.py --data .gpudata --out /tmp/gpu --cpu --tiny   # a dry rehearsal here
 
 The machine has no internet: the data travels with it (`.gpudata/raw/*.gz`, the full MNIST
-from npm, which `bench/gpu_data.py` stages; here they become `train.npz`/`test.npz` through
+from npm, which `bench/gpu_data.py` stages; here they become `train.npz`/`test.npz`, in a temporary folder, through
 `mnistflow.data.prepare`, as the workflow's prepare rule makes them). Sections,
 each written to `<out>/gpu.json` as soon as it ends, each skipped when the time budget is spent:
 
@@ -21,10 +21,12 @@ c. `python -m mnistflow.train` on the GPU: 1 process (nodes=1, devices=1, accele
 from __future__ import annotations
 
 import argparse
+import atexit
 import datetime as dt
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -180,7 +182,7 @@ def tiled_train(src: Path, times: int, tmp) -> Path:
 
 
 def section_throughput(args, device, tmp):
-    x, y = load(args.data / "train.npz", device)
+    x, y = load(args.splits / "train.npz", device)
     steps, warmup = (5, 2) if args.tiny else (200, 30)
     rows = []
     for batch, bf16, cl in [(128, True, False), (512, True, False), (1024, True, False), (4096, True, False), (1024, False, False), (1024, True, True)]:
@@ -192,7 +194,7 @@ def section_throughput(args, device, tmp):
         print(rows[-1], flush=True)
     RESULT["throughput"] = rows
     lsteps, lwarm = (5, 2) if args.tiny else (100, 20)
-    tiled = tiled_train(args.data / "train.npz", 2 if args.tiny else -(-(lsteps + lwarm) * 1024 // len(y)) + 1, tmp)
+    tiled = tiled_train(args.splits / "train.npz", 2 if args.tiny else -(-(lsteps + lwarm) * 1024 // len(y)) + 1, tmp)
     for batch in (128, 512, 1024):
         try:
             sps = lightning_throughput(tiled, device, batch, lsteps, lwarm, tmp)
@@ -263,8 +265,8 @@ def tta_run(x, y, xt, yt, device, optimizer, lr, schedule, batch, epochs, bf16=T
 
 
 def section_tta(args, device, deadline):
-    x, y = load(args.data / "train.npz", device)
-    xt, yt = load(args.data / "test.npz", device)
+    x, y = load(args.splits / "train.npz", device)
+    xt, yt = load(args.splits / "test.npz", device)
     if args.tiny:
         x, y = x[:1024], y[:1024]
     grid = [("adadelta", 1.0, "step", 64, 5, False)]  # the tutorial's recipe (fp32; its main.py runs 14 epochs)
@@ -328,7 +330,7 @@ def train_entry(args, device, tmp, name, nodes, precision, backend=None, timeout
         env["PYTHONPATH"] = f"{site}:{env['PYTHONPATH']}"
         env["MNISTFLOW_BENCH_PG_BACKEND"] = backend
     cmd = [sys.executable, "-m", "mnistflow.train", "--run", name, "--params", json.dumps(run),
-           "--train-data", str(args.data / "train.npz"), *folder_args(out), "--val-size", "500",
+           "--train-data", str(args.splits / "train.npz"), *folder_args(out), "--val-size", "500",
            "--threads", str(min(4, os.cpu_count() or 1))] + (["--train-limit", "1000"] if args.tiny else [])
     rec = {"run": name, "nodes": nodes, "devices": 1, "accelerator": accel, "precision": precision, "overrides": overrides or {},
            "process_group_backend": backend or "not forced (train.py: nccl; gloo when ranks share a GPU)"}
@@ -346,7 +348,7 @@ def train_entry(args, device, tmp, name, nodes, precision, backend=None, timeout
         rec.update({k: tj.get(k) for k in ("world_size", "strategy", "accelerator", "hosts", "train_s",
                                           "samples_per_s", "epochs", "global_step", "process_s")})
         rec["fit_s"] = tj["attempts"][-1]["fit_s"]
-        images, labels = load_split(args.data / "test.npz")
+        images, labels = load_split(args.splits / "test.npz")
         logits = predict(load_model(out / "model.ckpt"), images)
         rec["test_acc"] = round(float((logits.argmax(1) == labels).float().mean()), 4)
     else:
@@ -394,10 +396,14 @@ def main(argv=None):
     warnings.filterwarnings("ignore")
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    if not (args.data / "test.npz").exists():
-        from mnistflow.data import prepare
+    # The splits go to a temporary folder, not into --data: `.gpudata/` is carried to the device,
+    # and with them it would grow from 11 MB to 64 MB, the whole carry limit.
+    from mnistflow.data import prepare
 
-        prepare(args.data / "raw", args.data / "train.npz", args.data / "test.npz")
+    splits = Path(tempfile.mkdtemp(prefix="mnistflow-gpu-splits-"))
+    atexit.register(shutil.rmtree, splits, ignore_errors=True)
+    prepare(args.data / "raw", splits / "train.npz", splits / "test.npz")
+    args.splits = splits
     source = args.data / "source.txt"
     RESULT["data"] = source.read_text().strip() if source.exists() else str(args.data)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
