@@ -104,6 +104,7 @@ def fit_as_the_workflow(train_npz, device, batch, max_steps, out: Path, callback
     from pytorch_lightning.loggers import CSVLogger
 
     from mnistflow.callbacks import NoProfiler
+    from mnistflow.config import RUNTIME
     from mnistflow.datamodule import MNISTDataModule
     from mnistflow.model import MNISTClassifier
 
@@ -114,7 +115,8 @@ def fit_as_the_workflow(train_npz, device, batch, max_steps, out: Path, callback
         logger=CSVLogger(save_dir=out, name="logs", version=""),
         callbacks=[ModelCheckpoint(dirpath=out / "checkpoints", save_top_k=0, save_last=True), callback],
         profiler=NoProfiler(),
-        enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=10, limit_val_batches=0,
+        enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=RUNTIME["log_every_n_steps"],
+        limit_val_batches=0,
     )
     trainer.fit(MNISTClassifier(), datamodule=MNISTDataModule(train_npz, batch_size=batch, val_size=500, seed=0))
 
@@ -165,8 +167,10 @@ def lightning_syncs(train_npz, device, batch, steps, warmup, tmp) -> dict:
             torch.cuda.set_sync_debug_mode(0)
     measured = [w for w in caught[mark.start:] if "synchroniz" in str(w.message)]
     places = collections.Counter(f"{w.filename}:{w.lineno}" for w in measured)
+    from mnistflow.config import RUNTIME
+
     return {"batch": batch, "steps": steps, "syncs": len(measured), "syncs_per_step": round(len(measured) / steps, 3),
-            "places": dict(places.most_common(8))}
+            "log_every_n_steps": RUNTIME["log_every_n_steps"], "places": dict(places.most_common(8))}
 
 
 def tiled_train(src: Path, times: int, tmp) -> Path:
@@ -201,7 +205,7 @@ def section_throughput(args, device, tmp):
         except Exception as err:  # record and go on
             rows.append({"path": "ours", "batch": batch, "error": repr(err)[-500:]})
         print(rows[-1], flush=True)
-    try:  # log_every_n_steps=10: Lightning reads the logged loss back every 10 steps, 0.1 a step
+    try:  # Lightning reads the logged loss back every log_every_n_steps (50) steps: 0.02 a step
         RESULT["syncs"] = lightning_syncs(tiled, device, 512, lsteps, lwarm, tmp)
     except Exception as err:
         RESULT["syncs"] = {"error": repr(err)[-500:]}

@@ -25,7 +25,8 @@ def render(d: dict) -> str:
     if syncs and syncs.get("syncs_per_step") is not None:
         md.append(f"\n\nThe host waited for the GPU {syncs['syncs_per_step']} times a step in our training step "
                   f"(batch {syncs['batch']}, {syncs['steps']} steps, torch's sync debug mode; Lightning reads the logged "
-                  "loss back every 10 steps, 0.1 a step). Where from:\n")
+                  f"loss back every {syncs.get('log_every_n_steps', 10)} steps, {1 / syncs.get('log_every_n_steps', 10):g} "
+                  "a step). Where from:\n")
         md.append(common.table(["place", "syncs"], [[place, n] for place, n in syncs["places"].items()]))
     tta = d.get("time_to_accuracy")
     if tta:

@@ -9,7 +9,7 @@ images left after the workflow's 5,000 validation hold-out), same optimizer and 
 * bare: a hand-written loop over in-memory, pre-normalised tensors (the bare-metal reference);
 * ours: this project's training step as the workflow runs it: MNISTDataModule,
   MNISTClassifier and a Trainer with train.py's settings (CSV logger, checkpoint callback,
-  the throughput callback, log_every_n_steps=10).
+  the throughput callback, the default log_every_n_steps).
 
 The three are interleaved, `--repeats` times; the best of each is compared (medians kept too). Then bare-loop
 variants (threads, batch size, channels-last, torch.compile, oneDNN off) push the numbers.
@@ -147,7 +147,7 @@ def ours(train_npz, batch_size, warmup, measured, threads, seed=42, val_size=500
     from pytorch_lightning.callbacks import ModelCheckpoint
     from pytorch_lightning.loggers import CSVLogger
 
-    from mnistflow.config import RECIPE
+    from mnistflow.config import RECIPE, RUNTIME
     from mnistflow.datamodule import MNISTDataModule
     from mnistflow.geometry import Geometry
     from mnistflow.model import MNISTClassifier
@@ -191,7 +191,7 @@ def ours(train_npz, batch_size, warmup, measured, threads, seed=42, val_size=500
             enable_progress_bar=False,
             enable_model_summary=False,
             deterministic=False,
-            log_every_n_steps=10,
+            log_every_n_steps=RUNTIME["log_every_n_steps"],
         )
         trainer.fit(model, datamodule=data)
     return measured * batch_size / clock.s if hasattr(clock, "s") else None

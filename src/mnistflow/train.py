@@ -91,6 +91,8 @@ def parse_args(argv: Sequence[str] | None):
                    help="also log progress mid-epoch every this many seconds (0: at epoch ends only)")
     p.add_argument("--loggers", default=",".join(RUNTIME["loggers"]),
                    help="comma-separated: csv (always), tensorboard (default: config's loggers default)")
+    p.add_argument("--log-every-n-steps", type=int, default=RUNTIME["log_every_n_steps"],
+                   help="the loggers take the step loss every this many steps (default: config's default)")
     return p.parse_args(argv)
 
 
@@ -349,7 +351,7 @@ def train(args, run: dict, geometry: Geometry, granted: dict, threads: int, iden
         enable_progress_bar=False,
         enable_model_summary=False,
         deterministic=False,
-        log_every_n_steps=10,
+        log_every_n_steps=args.log_every_n_steps,
     )
     if resume:
         log.info("resuming from %s", resume)

@@ -15,6 +15,7 @@ TRAIN_RUNTIME = dict(
     # Rank 0 logs progress at each epoch's end and, in long epochs, this often.
     progress_every_s=60,
     loggers=lambda wildcards: ",".join(RUNS[wildcards.run]["loggers"]),
+    log_every_n_steps=run_value("log_every_n_steps"),
     # Slurm sends USR1 90 s before the time limit: every rank saves and stops (README,
     # "Preemption"). Composed with the sbatch flags given every rule as
     # --default-resources slurm_extra=...
@@ -72,7 +73,7 @@ rule train:
         " --state {params.state} --val-size {params.val_size} --train-limit {params.train_limit}"
         " --threads {resources.cpus_per_task} --job-threads {threads}"
         " --checkpoint-every-s {resources.checkpoint_every_s} --progress-every-s {resources.progress_every_s}"
-        " --loggers {resources.loggers} > {log} 2>&1"
+        " --loggers {resources.loggers} --log-every-n-steps {resources.log_every_n_steps} > {log} 2>&1"
 
 
 # nodes x devices processes under DDP: srun on Slurm, real node processes locally.
