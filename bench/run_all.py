@@ -60,7 +60,8 @@ def headline() -> list[str]:
         t = json.loads((r / "step_overhead.json").read_text())
         out.append(f"- Per-step overhead (the MLP at batch {t['batch_size']}): ours {t['ours_us_per_step_median']:,.0f} µs a step, "
                    f"by hand {t['handwritten_us_per_step_median']:,.0f}, in lockstep: **step_overhead_us = {t['step_overhead_us']}** (target <= 300)"
-                   + (f"; Lightning alone {t['ladder']['Lightning alone']['overhead_us']:,.0f}" if "ladder" in t else ""))
+                   + (f"; Lightning alone {t['ladder']['Lightning alone'].get('overhead_mean_us', t['ladder']['Lightning alone']['overhead_us']):,.0f}"
+                      if "ladder" in t else ""))
     if (r / "throughput.json").exists():
         t = json.loads((r / "throughput.json").read_text())
         s = t.get("lockstep_samples_per_s", t["samples_per_s"])

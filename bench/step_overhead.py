@@ -14,19 +14,23 @@ each of the workflow's additions shows what it costs:
 2. the same with manual optimization (`automatic_optimization = False`, the
    LightningOptimizer and `manual_backward`): what leaving the optimizer's closure gives;
 3. the workflow's LightningModule (mnistflow.model: the epoch's mean loss, the step loss
-   logged every 10 steps) in place of the bare one;
+   logged every log_every_n_steps steps, the run setting's default) in place of the bare one;
 4. with the loggers (CSV and TensorBoard);
 5. with the callbacks (last.ckpt, throughput, progress, save-and-stop, resume state);
 6. `mnistflow.train.main` as the workflow's train rule calls it (the data module, records).
 
-Two of the entry point's changes are measured on their own, in blocks of steps with and
+Three of the entry point's choices are measured on their own, in blocks of steps with and
 without them in turn (alike for both, so a drift of the machine's speed falls on both):
-Lightning's NVML-based CUDA check (plain_cuda_check), on the hand-written step, and
-Lightning's default profiler in place of callbacks.NoProfiler, within the entry point's fit.
+Lightning's NVML-based CUDA check (plain_cuda_check), on the hand-written step; Lightning's
+default profiler in place of callbacks.NoProfiler, within the entry point's fit; and the
+step loss logged every 10 steps in place of the default log_every_n_steps, within the
+entry point's fit.
 
 Recorded: for each rung, the medians over `--repeats` runs of the per-step medians and of
-the paired differences; `step_overhead_us` is rung 6's. Then a cProfile of one more run of
-the entry point: where the per-step time goes, by the functions that take it.
+the paired differences' medians and means; `step_overhead_us` is rung 6's mean, what a user
+pays a step, the loggers' steps included (a median leaves out what is done every n-th step
+only). Then a cProfile of one more run of the entry point: where the per-step time goes, by
+the functions that take it.
 
     PYTHONPATH=src .venv/bin/python bench/step_overhead.py [--repeats 3] [--limit 16000]
 """
@@ -159,7 +163,7 @@ class Ladder:
                 ResumeState({}, 1),
             ]
         torch.manual_seed(SETTINGS["seed"])
-        lockstep.run_trainer(module, self.loader(), callback, log_every_n_steps=10, **extra)
+        lockstep.run_trainer(module, self.loader(), callback, log_every_n_steps=RUNTIME["log_every_n_steps"], **extra)
         return callback.figures()
 
     def entry_point(self, profile: cProfile.Profile | None = None, callback=None):
@@ -263,6 +267,47 @@ def profiler_cost(ladder: Ladder, runs: int = 3, block: int = 50) -> dict:
             "steps_each": sum(len(swap.times["NoProfiler"]) for swap in swaps)}
 
 
+class SwapLogInterval(pl.Callback):
+    """The step loss logged every `often` steps and every `default` steps in turn, `block`
+    training steps each (a multiple of both, so that each block logs its share), in one fit;
+    each step's time under the interval it ran with. What is logged changes nothing that is
+    trained (tests/test_train.py)."""
+
+    def __init__(self, block: int, often: int, default: int):
+        self.block, self.intervals = block, {"often": often, "default": default}
+        self.times = {name: [] for name in self.intervals}
+        self._mark = self._current = None
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self._mark = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        now = time.perf_counter()
+        if self._mark is not None:
+            self.times[self._current].append(now - self._mark)
+        self._current = list(self.intervals)[(batch_idx + 1) // self.block % 2]
+        trainer.log_every_n_steps = self.intervals[self._current]
+        self._mark = time.perf_counter()
+
+
+def log_interval_cost(ladder: Ladder, runs: int = 3, often: int = 10) -> dict:
+    """What logging the step loss every `often` steps costs the entry point a step more than
+    the default interval: the mean step time under each (the logged steps are the point, so
+    not the median), in blocks within each of `runs` fits (smaller blocks where a fit is
+    short, as in the smoke run)."""
+    default = RUNTIME["log_every_n_steps"]
+    block = min(2 * default, max(1, ladder.steps // 4))
+    swaps = []
+    for _ in range(runs):
+        swap = SwapLogInterval(block, often, default)
+        ladder.entry_point(callback=swap)
+        swaps.append(swap)
+    mean = {name: statistics.fmean(t for swap in swaps for t in swap.times[name]) * 1e6 for name in ("often", "default")}
+    return {"often": often, "default": default, "often_us": round(mean["often"], 1), "default_us": round(mean["default"], 1),
+            "gain_us": round(mean["often"] - mean["default"], 1), "runs": runs, "block": block,
+            "steps_each": sum(len(swap.times["default"]) for swap in swaps)}
+
+
 def where_it_goes(stats: pstats.Stats, steps: int) -> dict:
     """Cumulative microseconds per step of each place, matched by file and function name."""
     found = {}
@@ -292,6 +337,7 @@ def main() -> None:
                 runs[name].append(run())
         probe = nvml_probe_cost(ladder)
         profiler = profiler_cost(ladder, runs=min(args.repeats, 3))
+        interval = log_interval_cost(ladder, runs=min(args.repeats, 3))
         profile = cProfile.Profile()
         _, steps = ladder.entry_point(profile)
     ladder_figures = {
@@ -299,7 +345,9 @@ def main() -> None:
             "ours_us": round(statistics.median(r["ours_us"] for r in each), 1),
             "handwritten_us": round(statistics.median(r["handwritten_us"] for r in each), 1),
             "overhead_us": round(statistics.median(r["overhead_us"] for r in each), 1),
+            "overhead_mean_us": round(statistics.median(r["overhead_mean_us"] for r in each), 1),
             "each_overhead_us": [r["overhead_us"] for r in each],
+            "each_overhead_mean_us": [r["overhead_mean_us"] for r in each],
             "steps": each[0]["steps"],
         }
         for name, each in runs.items()
@@ -314,27 +362,33 @@ def main() -> None:
         "batch_size": BATCH,
         "network": "mlp",
         "method": "lockstep (bench/lockstep.py): a hand-written step after each of ours, in one process; "
-                  "medians over the repeats of each run's per-step medians and paired differences",
+                  "medians over the repeats of each run's per-step medians and of the paired differences' "
+                  "medians and means; step_overhead_us is the entry point's mean",
         "repeats": args.repeats,
         "ladder": ladder_figures,
         "handwritten_us_per_step_median": entry["handwritten_us"],
         "ours_us_per_step_median": entry["ours_us"],
-        "step_overhead_us": entry["overhead_us"],
+        "step_overhead_us": entry["overhead_mean_us"],
+        "step_overhead_median_us": entry["overhead_us"],
         "nvml_probe": probe,
         "default_profiler": profiler,
+        "log_interval": interval,
         "profiled_steps": steps,
         "profiled_us_per_step_by_place": places,
     }
     markdown = "\n".join([
         f"Per-step overhead, MLP at batch {BATCH}, one epoch ({entry['steps']} steps measured a run), in lockstep "
-        f"with a hand-written loop, {args.repeats} runs of each rung (medians; the paired difference is each of "
-        "ours' steps minus the hand-written step beside it).",
+        f"with a hand-written loop, {args.repeats} runs of each rung (medians over the runs; the paired difference "
+        "is each of ours' steps minus the hand-written step beside it: its median is a typical step's, its mean "
+        "counts what is done every n-th step only, such as the loggers' step).",
         "",
-        common.table(["rung", "ours µs / step", "by hand µs / step", "ours minus by hand (paired)", "each run"],
-                     [[name, f["ours_us"], f["handwritten_us"], f"**{f['overhead_us']}**" if name == list(rungs)[-1] else f["overhead_us"],
-                       ", ".join(f"{v:,.0f}" for v in f["each_overhead_us"])] for name, f in ladder_figures.items()]),
+        common.table(["rung", "ours µs / step", "by hand µs / step", "ours minus by hand: mean", "median", "each run's mean"],
+                     [[name, f["ours_us"], f["handwritten_us"],
+                       f"**{f['overhead_mean_us']}**" if name == list(rungs)[-1] else f["overhead_mean_us"], f["overhead_us"],
+                       ", ".join(f"{v:,.0f}" for v in f["each_overhead_mean_us"])] for name, f in ladder_figures.items()]),
         "",
-        f"**step_overhead_us = {record['step_overhead_us']}** (the entry point's; target <= 300).",
+        f"**step_overhead_us = {record['step_overhead_us']}** (the entry point's mean; target <= 300); its median "
+        f"{record['step_overhead_median_us']}.",
         "",
         f"Lightning's NVML-based CUDA check, which the entry point turns off (`plain_cuda_check`), measured on the "
         f"hand-written step in blocks with it on and off ({probe['steps_each']} steps each): {probe['with_check_us']} µs "
@@ -346,6 +400,12 @@ def main() -> None:
         f"blocks of {profiler['block']} steps within {profiler['runs']} fits of the entry point "
         f"({profiler['steps_each']} steps each): {profiler['default_profiler_us']} µs a step with the default, "
         f"{profiler['no_profiler_us']} with NoProfiler, **{profiler['gain_us']} µs** a step that NoProfiler saves.",
+        "",
+        f"The step loss logged every {interval['often']} steps (the entry point's interval until 2026-12-06) in place "
+        f"of the default every {interval['default']}, swapped in blocks of {interval['block']} steps within "
+        f"{interval['runs']} fits of the entry point ({interval['steps_each']} steps each; means, the logged steps "
+        f"included): {interval['often_us']} µs a step against {interval['default_us']}, **{interval['gain_us']} µs** a "
+        "step that the default interval saves.",
         "",
         "Where the entry point spends a step, in one more run on its own (no lockstep), under cProfile (which "
         "slows Python calls: compare the places, not these with the timings above). Cumulative over the "

@@ -73,7 +73,12 @@ def test_step_overhead_is_the_entry_points_rung_of_the_ladder_with_where_it_goes
     assert all(rung["ours_us"] > 0 and rung["handwritten_us"] > 0 and rung["steps"] > 0 for rung in ladder.values()), ladder
     entry = ladder[list(ladder)[-1]]
     assert list(ladder)[-1].startswith("mnistflow.train.main")
-    assert t["step_overhead_us"] == entry["overhead_us"] and t["ours_us_per_step_median"] == entry["ours_us"]
+    # what a user pays a step (the mean: the loggers' steps included), and a typical step's
+    assert t["step_overhead_us"] == entry["overhead_mean_us"] and t["step_overhead_median_us"] == entry["overhead_us"]
+    assert t["ours_us_per_step_median"] == entry["ours_us"]
+    interval = t["log_interval"]
+    assert interval["default"] == 50 and interval["often"] == 10 and interval["steps_each"] > 0
+    assert interval["often_us"] > 0 and interval["default_us"] > 0
     places = t["profiled_us_per_step_by_place"]
     # every place was found in the profile of a real training run
     assert all(us > 0 for us in places.values()), places
