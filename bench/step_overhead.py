@@ -227,15 +227,13 @@ def nvml_probe_cost(ladder: Ladder, rounds: int = 20, block: int = 50) -> dict:
             "steps_each": rounds * block}
 
 
-class SwapProfilers(pl.Callback):
-    """Lightning's default profiler and callbacks.NoProfiler in turn, `block` training steps
-    each, in one fit; each step's time (from one step's end to the next's) under the one it
-    ran with. Both profile nothing, so swapping them mid-fit changes nothing else."""
+class SwapInBlocks(pl.Callback):
+    """Two values of one of the Trainer's settings in turn, `block` training steps each, in
+    one fit; each step's time (from one step's end to the next's) under the value it ran with."""
 
-    def __init__(self, block: int):
-        self.block = block
-        self.profilers = {"default": PassThroughProfiler(), "NoProfiler": NoProfiler()}
-        self.times = {name: [] for name in self.profilers}
+    def __init__(self, block: int, values: dict, apply):
+        self.block, self.values, self.apply = block, values, apply
+        self.times = {name: [] for name in values}
         self._mark = self._current = None
 
     def on_train_epoch_start(self, trainer, pl_module):
@@ -245,67 +243,49 @@ class SwapProfilers(pl.Callback):
         now = time.perf_counter()
         if self._mark is not None:
             self.times[self._current].append(now - self._mark)
-        self._current = list(self.profilers)[(batch_idx + 1) // self.block % 2]
-        trainer.profiler = self.profilers[self._current]
+        self._current = list(self.values)[(batch_idx + 1) // self.block % 2]
+        self.apply(trainer, self.values[self._current])
         self._mark = time.perf_counter()
+
+
+def swapped_fits(ladder: Ladder, runs: int, block: int, values: dict, apply) -> dict[str, list[float]]:
+    """The step times under each value, over `runs` fits of the entry point (SwapInBlocks)."""
+    times = {name: [] for name in values}
+    for _ in range(runs):
+        swap = SwapInBlocks(block, values, apply)
+        ladder.entry_point(callback=swap)
+        for name in values:
+            times[name] += swap.times[name]
+    return times
 
 
 def profiler_cost(ladder: Ladder, runs: int = 3, block: int = 50) -> dict:
     """What Lightning's default profiler costs the entry point a step more than NoProfiler:
     medians of the step times under each, in blocks within each of `runs` fits (smaller
-    blocks where a fit is short, as in the smoke run)."""
+    blocks where a fit is short, as in the smoke run). Both profile nothing, so swapping them
+    mid-fit changes nothing else."""
     block = max(1, min(block, ladder.steps // 4))
-    swaps = []
-    for _ in range(runs):
-        swap = SwapProfilers(block)
-        ladder.entry_point(callback=swap)
-        swaps.append(swap)
-    default, own = (statistics.median(t for swap in swaps for t in swap.times[name]) * 1e6
-                    for name in ("default", "NoProfiler"))
+    times = swapped_fits(ladder, runs, block, {"default": PassThroughProfiler(), "NoProfiler": NoProfiler()},
+                         lambda trainer, profiler: setattr(trainer, "profiler", profiler))
+    default, own = (statistics.median(times[name]) * 1e6 for name in ("default", "NoProfiler"))
     return {"default_profiler_us": round(default, 1), "no_profiler_us": round(own, 1),
-            "gain_us": round(default - own, 1), "runs": runs, "block": block,
-            "steps_each": sum(len(swap.times["NoProfiler"]) for swap in swaps)}
-
-
-class SwapLogInterval(pl.Callback):
-    """The step loss logged every `often` steps and every `default` steps in turn, `block`
-    training steps each (a multiple of both, so that each block logs its share), in one fit;
-    each step's time under the interval it ran with. What is logged changes nothing that is
-    trained (tests/test_train.py)."""
-
-    def __init__(self, block: int, often: int, default: int):
-        self.block, self.intervals = block, {"often": often, "default": default}
-        self.times = {name: [] for name in self.intervals}
-        self._mark = self._current = None
-
-    def on_train_epoch_start(self, trainer, pl_module):
-        self._mark = None
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        now = time.perf_counter()
-        if self._mark is not None:
-            self.times[self._current].append(now - self._mark)
-        self._current = list(self.intervals)[(batch_idx + 1) // self.block % 2]
-        trainer.log_every_n_steps = self.intervals[self._current]
-        self._mark = time.perf_counter()
+            "gain_us": round(default - own, 1), "runs": runs, "block": block, "steps_each": len(times["NoProfiler"])}
 
 
 def log_interval_cost(ladder: Ladder, runs: int = 3, often: int = 10) -> dict:
     """What logging the step loss every `often` steps costs the entry point a step more than
     the default interval: the mean step time under each (the logged steps are the point, so
-    not the median), in blocks within each of `runs` fits (smaller blocks where a fit is
-    short, as in the smoke run)."""
+    not the median), in blocks of twice the default (a multiple of both, so that each block
+    logs its share; smaller where a fit is short, as in the smoke run) within each of `runs`
+    fits. What is logged changes nothing that is trained (tests/test_train.py)."""
     default = RUNTIME["log_every_n_steps"]
     block = min(2 * default, max(1, ladder.steps // 4))
-    swaps = []
-    for _ in range(runs):
-        swap = SwapLogInterval(block, often, default)
-        ladder.entry_point(callback=swap)
-        swaps.append(swap)
-    mean = {name: statistics.fmean(t for swap in swaps for t in swap.times[name]) * 1e6 for name in ("often", "default")}
+    times = swapped_fits(ladder, runs, block, {"often": often, "default": default},
+                         lambda trainer, interval: setattr(trainer, "log_every_n_steps", interval))
+    mean = {name: statistics.fmean(times[name]) * 1e6 for name in ("often", "default")}
     return {"often": often, "default": default, "often_us": round(mean["often"], 1), "default_us": round(mean["default"], 1),
             "gain_us": round(mean["often"] - mean["default"], 1), "runs": runs, "block": block,
-            "steps_each": sum(len(swap.times["default"]) for swap in swaps)}
+            "steps_each": len(times["default"])}
 
 
 def where_it_goes(stats: pstats.Stats, steps: int) -> dict:
