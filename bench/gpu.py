@@ -149,6 +149,8 @@ def lightning_syncs(train_npz, device, batch, steps, warmup, tmp) -> dict:
 
     import pytorch_lightning as pl
 
+    from mnistflow.config import RUNTIME
+
     if device.type != "cuda":
         return {"batch": batch, "syncs_per_step": None, "note": "no GPU (rehearsal)"}
 
@@ -167,8 +169,6 @@ def lightning_syncs(train_npz, device, batch, steps, warmup, tmp) -> dict:
             torch.cuda.set_sync_debug_mode(0)
     measured = [w for w in caught[mark.start:] if "synchroniz" in str(w.message)]
     places = collections.Counter(f"{w.filename}:{w.lineno}" for w in measured)
-    from mnistflow.config import RUNTIME
-
     return {"batch": batch, "steps": steps, "syncs": len(measured), "syncs_per_step": round(len(measured) / steps, 3),
             "log_every_n_steps": RUNTIME["log_every_n_steps"], "places": dict(places.most_common(8))}
 

@@ -23,10 +23,10 @@ def render(d: dict) -> str:
                              r.get("samples_per_s", r.get("error")), r.get("over_plain")] for r in d["throughput"]]))
     syncs = d.get("syncs")
     if syncs and syncs.get("syncs_per_step") is not None:
+        every = syncs.get("log_every_n_steps", 10)  # records before 2026-12-06 logged every 10 steps
         md.append(f"\n\nThe host waited for the GPU {syncs['syncs_per_step']} times a step in our training step "
                   f"(batch {syncs['batch']}, {syncs['steps']} steps, torch's sync debug mode; Lightning reads the logged "
-                  f"loss back every {syncs.get('log_every_n_steps', 10)} steps, {1 / syncs.get('log_every_n_steps', 10):g} "
-                  "a step). Where from:\n")
+                  f"loss back every {every} steps, {1 / every:g} a step). Where from:\n")
         md.append(common.table(["place", "syncs"], [[place, n] for place, n in syncs["places"].items()]))
     tta = d.get("time_to_accuracy")
     if tta:
