@@ -12,7 +12,8 @@ each of the workflow's additions shows what it costs:
 1. Lightning alone: a LightningModule with the network, its loss and the optimiser, a
    Trainer with no logger, checkpoint or callback, a DataLoader over the in-memory split;
 2. the same with manual optimization (`automatic_optimization = False`, the
-   LightningOptimizer and `manual_backward`): what leaving the optimizer's closure gives;
+   LightningOptimizer and `manual_backward`), as the workflow's module trains since
+   2026-12-06: what leaving the optimizer's closure gives;
 3. the workflow's LightningModule (mnistflow.model: the epoch's mean loss, the step loss
    logged every log_every_n_steps steps, the run setting's default) in place of the bare one;
 4. with the loggers (CSV and TensorBoard);
@@ -24,7 +25,9 @@ without them in turn (alike for both, so a drift of the machine's speed falls on
 Lightning's NVML-based CUDA check (plain_cuda_check), on the hand-written step; Lightning's
 default profiler in place of callbacks.NoProfiler, within the entry point's fit; and the
 step loss logged every 10 steps in place of the default log_every_n_steps, within the
-entry point's fit.
+entry point's fit. A fourth cannot change within a fit: the workflow's module under
+Lightning's automatic optimization, as it trained until 2026-12-06, against the module as it
+is, in pairs of whole runs of the entry point, each in lockstep, in alternating order.
 
 Recorded: for each rung, the medians over `--repeats` runs of the per-step medians and of
 the paired differences' medians and means; `step_overhead_us` is rung 6's mean, what a user
@@ -48,6 +51,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
@@ -61,6 +65,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 from mnistflow.callbacks import NoProfiler, Progress, ResumeState, SaveAndStop, Throughput  # noqa: E402
 from mnistflow.config import RECIPE, RUNTIME  # noqa: E402
+import mnistflow.model  # noqa: E402
 from mnistflow.datamodule import MNISTDataModule, TensorSplit  # noqa: E402
 from mnistflow.model import MNISTClassifier  # noqa: E402
 from mnistflow.networks import MLP  # noqa: E402
@@ -75,10 +80,11 @@ SETTINGS = {**RECIPE, "model": "mlp", "batch_size": BATCH, "epochs": 1, "nodes":
 # Where a step's time goes: each place is a function in the profile, by its file's name
 # (cumulative seconds / steps).
 PLACES = {
-    "training_step (forward, loss, self.log)": ("model.py", "training_step"),
+    "training_step (the batch's loss, backward, the optimizer and schedule)": ("model.py", "training_step"),
+    "the batch's loss (forward, loss, self.log)": ("model.py", "batch_loss"),
     "self.log": ("module.py", "log"),
     "backward": ("_tensor.py", "backward"),
-    "optimizer step (with its closure)": ("optimizer.py", "step"),
+    "optimizer step": ("optimizer.py", "step"),
     "the loader's next batch": ("fetch.py", "fetch"),
     "callback hooks (every hook, through Lightning's dispatch)": ("call.py", "_call_callback_hooks"),
     "loggers (log_metrics, save)": ("logger_connector.py", "update_train_step_metrics"),
@@ -119,6 +125,23 @@ class ManualModule(BareModule):
         opt.step()
         self.lr_schedulers().step()
         return loss
+
+
+class AutomaticOptimization(MNISTClassifier):
+    """The workflow's module under Lightning's automatic optimization: how it trained until
+    2026-12-06 (the same weights: tests/test_model.py)."""
+
+    def __init__(self, **hparams):
+        super().__init__(**hparams)
+        self.automatic_optimization = True
+
+    def training_step(self, batch, batch_idx):
+        return self.batch_loss(batch)
+
+    def configure_optimizers(self):
+        config = super().configure_optimizers()
+        config["lr_scheduler"] = {"scheduler": config["lr_scheduler"], "interval": "step"}  # one-cycle
+        return config
 
 
 class Ladder:
@@ -190,7 +213,7 @@ class Ladder:
         model = lambda: MNISTClassifier(model="mlp", lr=SETTINGS["lr"])  # noqa: E731
         return {
             "Lightning alone": lambda: self.trainer(BareModule()),
-            "Lightning alone, manual optimization (not adopted)": lambda: self.trainer(ManualModule()),
+            "Lightning alone, manual optimization (as the workflow's module)": lambda: self.trainer(ManualModule()),
             "+ the workflow's LightningModule (epoch mean, logging)": lambda: self.trainer(model()),
             "+ loggers (CSV, TensorBoard)": lambda: self.trainer(model(), loggers=True),
             "+ callbacks (last.ckpt, throughput, progress, save-and-stop, resume state)":
@@ -288,6 +311,24 @@ def log_interval_cost(ladder: Ladder, runs: int = 3, often: int = 10) -> dict:
             "steps_each": len(times["default"])}
 
 
+def automatic_optimization_cost(ladder: Ladder, pairs: int) -> dict:
+    """What Lightning's automatic optimization costs the entry point a step more than the
+    module's own optimizer step: pairs of whole runs, each in lockstep with the hand-written
+    loop, in alternating order; the median of the pairs' differences of the mean overheads."""
+    each = {"automatic": [], "manual": []}
+    for i in range(pairs):
+        for name in ("automatic", "manual") if i % 2 == 0 else ("manual", "automatic"):
+            if name == "automatic":
+                with mock.patch.object(mnistflow.model, "MNISTClassifier", AutomaticOptimization):
+                    figures, _ = ladder.entry_point()
+            else:
+                figures, _ = ladder.entry_point()
+            each[name].append(figures["overhead_mean_us"])
+    gains = [a - m for a, m in zip(each["automatic"], each["manual"])]
+    return {"automatic_us": each["automatic"], "manual_us": each["manual"], "pairs": pairs,
+            "gain_us": round(statistics.median(gains), 1), "each_gain_us": [round(g, 1) for g in gains]}
+
+
 def where_it_goes(stats: pstats.Stats, steps: int) -> dict:
     """Cumulative microseconds per step of each place, matched by file and function name."""
     found = {}
@@ -318,6 +359,7 @@ def main() -> None:
         probe = nvml_probe_cost(ladder)
         profiler = profiler_cost(ladder, runs=min(args.repeats, 3))
         interval = log_interval_cost(ladder, runs=min(args.repeats, 3))
+        automatic = automatic_optimization_cost(ladder, pairs=args.repeats)
         profile = cProfile.Profile()
         _, steps = ladder.entry_point(profile)
     ladder_figures = {
@@ -353,6 +395,7 @@ def main() -> None:
         "nvml_probe": probe,
         "default_profiler": profiler,
         "log_interval": interval,
+        "automatic_optimization": automatic,
         "profiled_steps": steps,
         "profiled_us_per_step_by_place": places,
     }
@@ -386,6 +429,13 @@ def main() -> None:
         f"{interval['runs']} fits of the entry point ({interval['steps_each']} steps each; means, the logged steps "
         f"included): {interval['often_us']} µs a step against {interval['default_us']}, **{interval['gain_us']} µs** a "
         "step that the default interval saves.",
+        "",
+        f"Lightning's automatic optimization (the optimizer stepped in its closure, as the workflow's module "
+        f"trained until 2026-12-06) in place of the module's own step, in {automatic['pairs']} pairs of whole runs "
+        f"of the entry point, each in lockstep, in alternating order (the mean overheads): "
+        f"{', '.join(f'{a:,.0f}' for a in automatic['automatic_us'])} µs a step against "
+        f"{', '.join(f'{m:,.0f}' for m in automatic['manual_us'])}, **{automatic['gain_us']} µs** a step that the "
+        "module's own step saves (the median of the pairs).",
         "",
         "Where the entry point spends a step, in one more run on its own (no lockstep), under cProfile (which "
         "slows Python calls: compare the places, not these with the timings above). Cumulative over the "

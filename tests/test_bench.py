@@ -79,6 +79,9 @@ def test_step_overhead_is_the_entry_points_rung_of_the_ladder_with_where_it_goes
     interval = t["log_interval"]
     assert interval["default"] == 50 and interval["often"] == 10 and interval["steps_each"] > 0
     assert interval["often_us"] > 0 and interval["default_us"] > 0
+    automatic = t["automatic_optimization"]
+    assert automatic["pairs"] == 1 and len(automatic["automatic_us"]) == len(automatic["manual_us"]) == 1
+    assert automatic["gain_us"] == pytest.approx(automatic["automatic_us"][0] - automatic["manual_us"][0], abs=0.2)
     places = t["profiled_us_per_step_by_place"]
     # every place was found in the profile of a real training run
     assert all(us > 0 for us in places.values()), places

@@ -138,13 +138,14 @@ def test_training_step_reads_no_value_back_and_trains_as_the_mean_loss():
     torch.manual_seed(0)
     module = MNISTClassifier(model="mlp")
     module._trainer = SimpleNamespace(log_every_n_steps=0, is_last_batch=False, global_step=0)
+    # the training step's own part; the optimizer's step after it is Lightning's and torch's
     batches = [(torch.randn(n, 1, 28, 28), torch.randint(0, 10, (n,))) for n in (64, 64, 17)]
     losses = []
     for x, y in batches:
         torch.manual_seed(1)  # the same dropout masks in both passes
         module.zero_grad()
         with Reads() as reads:
-            loss = module.training_step((x, y), 0)
+            loss = module.batch_loss((x, y))
         loss.backward()
         assert not {"__bool__", "item", "tolist", "any", "all", "isnan", "nonzero"} & set(reads.names), reads.names
         ours = [p.grad.clone() for p in module.parameters()]
@@ -158,3 +159,51 @@ def test_training_step_reads_no_value_back_and_trains_as_the_mean_loss():
     by_sample = torch.cat(losses).mean()
     by_batch = torch.stack([each.mean() for each in losses]).mean()
     assert torch.allclose(module.train_loss_mean.compute(), by_sample) and not torch.allclose(by_sample, by_batch)
+
+
+class AutomaticOptimization(MNISTClassifier):
+    """The module as Lightning's automatic optimization trains it: the reference the training
+    step's own optimizer step must match."""
+
+    def __init__(self, **hparams):
+        super().__init__(**hparams)
+        self.automatic_optimization = True
+
+    def training_step(self, batch, batch_idx):
+        return self.batch_loss(batch)
+
+    def configure_optimizers(self):
+        config = super().configure_optimizers()
+        if self.hparams.schedule == "onecycle":
+            config["lr_scheduler"] = {"scheduler": config["lr_scheduler"], "interval": "step"}
+        return config
+
+
+@pytest.mark.parametrize("optimizer,schedule", [("adamw", "onecycle"), ("adadelta", "step"), ("sgd", "none")])
+def test_the_training_step_trains_what_automatic_optimization_trains(tmp_path, mirror, optimizer, schedule):
+    """Bit for bit: the weights, the optimizer's state, the learning rate, the step count and
+    every logged figure, over two epochs with each schedule."""
+    import pytorch_lightning as pl
+
+    from mnistflow.data import prepare
+
+    prepare(mirror.directory, tmp_path / "train.npz", tmp_path / "test.npz")
+
+    def fit(module_class):
+        pl.seed_everything(3, verbose=False)
+        module = module_class(model="mlp", optimizer=optimizer, lr=0.05, schedule=schedule)
+        data = MNISTDataModule(tmp_path / "train.npz", batch_size=64, val_size=200, train_limit=1000, seed=3)
+        trainer = pl.Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=4)
+        trainer.fit(module, datamodule=data)
+        return module, trainer
+
+    (ours, ours_trainer), (reference, reference_trainer) = fit(MNISTClassifier), fit(AutomaticOptimization)
+    assert ours_trainer.global_step == reference_trainer.global_step == 2 * 13
+    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), reference.state_dict().values(), strict=True))
+    states = [trainer.optimizers[0].state_dict() for trainer in (ours_trainer, reference_trainer)]
+    assert states[0]["param_groups"] == states[1]["param_groups"]
+    assert all(torch.equal(a[key], b[key]) for a, b in zip(states[0]["state"].values(), states[1]["state"].values(), strict=True)
+               for key in a)
+    metrics = [{k: float(v) for k, v in trainer.callback_metrics.items()} for trainer in (ours_trainer, reference_trainer)]
+    assert set(metrics[0]) == {"train_loss_step", "train_loss_epoch", "val_loss", "val_acc"} and metrics[0] == metrics[1]
