@@ -65,13 +65,14 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 from mnistflow.callbacks import NoProfiler, Progress, ResumeState, SaveAndStop, Throughput  # noqa: E402
 from mnistflow.config import RECIPE, RUNTIME  # noqa: E402
-import mnistflow.model  # noqa: E402
 from mnistflow.datamodule import MNISTDataModule, TensorSplit  # noqa: E402
 from mnistflow.model import MNISTClassifier  # noqa: E402
 from mnistflow.networks import MLP  # noqa: E402
 from mnistflow.signals import StopSignals  # noqa: E402
 from mnistflow.train import NVML_CUDA_CHECK_ENV, folder_args, keep_freed_memory, plain_cuda_check, quiet_known_noise  # noqa: E402
 from mnistflow.train import main as train_main  # noqa: E402
+import mnistflow.model  # noqa: E402
+from tests.automatic_optimization import AutomaticOptimization  # noqa: E402
 
 BATCH = 16
 VAL_SIZE = 5000
@@ -125,23 +126,6 @@ class ManualModule(BareModule):
         opt.step()
         self.lr_schedulers().step()
         return loss
-
-
-class AutomaticOptimization(MNISTClassifier):
-    """The workflow's module under Lightning's automatic optimization: how it trained until
-    2026-12-06 (the same weights: tests/test_model.py)."""
-
-    def __init__(self, **hparams):
-        super().__init__(**hparams)
-        self.automatic_optimization = True
-
-    def training_step(self, batch, batch_idx):
-        return self.batch_loss(batch)
-
-    def configure_optimizers(self):
-        config = super().configure_optimizers()
-        config["lr_scheduler"] = {"scheduler": config["lr_scheduler"], "interval": "step"}  # one-cycle
-        return config
 
 
 class Ladder:

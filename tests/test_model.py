@@ -8,6 +8,7 @@ from mnistflow.data import normalise
 from mnistflow.datamodule import MNISTDataModule, TensorSplit
 from mnistflow.model import MNISTClassifier
 from mnistflow.networks import MLP, ExamplesCNN, FastCNN
+from tests.automatic_optimization import AutomaticOptimization
 
 
 @pytest.mark.parametrize("net", [FastCNN, ExamplesCNN, MLP])
@@ -159,24 +160,6 @@ def test_training_step_reads_no_value_back_and_trains_as_the_mean_loss():
     by_sample = torch.cat(losses).mean()
     by_batch = torch.stack([each.mean() for each in losses]).mean()
     assert torch.allclose(module.train_loss_mean.compute(), by_sample) and not torch.allclose(by_sample, by_batch)
-
-
-class AutomaticOptimization(MNISTClassifier):
-    """The module as Lightning's automatic optimization trains it: the reference the training
-    step's own optimizer step must match."""
-
-    def __init__(self, **hparams):
-        super().__init__(**hparams)
-        self.automatic_optimization = True
-
-    def training_step(self, batch, batch_idx):
-        return self.batch_loss(batch)
-
-    def configure_optimizers(self):
-        config = super().configure_optimizers()
-        if self.hparams.schedule == "onecycle":
-            config["lr_scheduler"] = {"scheduler": config["lr_scheduler"], "interval": "step"}
-        return config
 
 
 @pytest.mark.parametrize("optimizer,schedule", [("adamw", "onecycle"), ("adadelta", "step"), ("sgd", "none")])
