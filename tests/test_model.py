@@ -162,10 +162,11 @@ def test_training_step_reads_no_value_back_and_trains_as_the_mean_loss():
     assert torch.allclose(module.train_loss_mean.compute(), by_sample) and not torch.allclose(by_sample, by_batch)
 
 
-@pytest.mark.parametrize("optimizer,schedule", [("adamw", "onecycle"), ("adadelta", "step"), ("sgd", "none")])
-def test_the_training_step_trains_what_automatic_optimization_trains(tmp_path, mirror, optimizer, schedule):
+@pytest.mark.parametrize("optimizer,schedule,precision", [("adamw", "onecycle", "32-true"), ("adadelta", "step", "32-true"),
+                                                         ("sgd", "none", "32-true"), ("adamw", "onecycle", "bf16-mixed")])
+def test_the_training_step_trains_what_automatic_optimization_trains(tmp_path, mirror, optimizer, schedule, precision):
     """Bit for bit: the weights, the optimizer's state, the learning rate, the step count and
-    every logged figure, over two epochs with each schedule."""
+    every logged figure, over two epochs with each schedule, and under mixed precision."""
     import pytorch_lightning as pl
 
     from mnistflow.data import prepare
@@ -176,7 +177,7 @@ def test_the_training_step_trains_what_automatic_optimization_trains(tmp_path, m
         pl.seed_everything(3, verbose=False)
         module = module_class(model="mlp", optimizer=optimizer, lr=0.05, schedule=schedule)
         data = MNISTDataModule(tmp_path / "train.npz", batch_size=64, val_size=200, train_limit=1000, seed=3)
-        trainer = pl.Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_checkpointing=False,
+        trainer = pl.Trainer(accelerator="cpu", max_epochs=2, precision=precision, logger=False, enable_checkpointing=False,
                              enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=4)
         trainer.fit(module, datamodule=data)
         return module, trainer
