@@ -12,9 +12,3 @@ class AutomaticOptimization(MNISTClassifier):
 
     def training_step(self, batch, batch_idx):
         return self.batch_loss(batch)
-
-    def configure_optimizers(self):
-        config = super().configure_optimizers()
-        if self.hparams.schedule == "onecycle":
-            config["lr_scheduler"] = {"scheduler": config["lr_scheduler"], "interval": "step"}
-        return config

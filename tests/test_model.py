@@ -139,13 +139,12 @@ def test_training_step_reads_no_value_back_and_trains_as_the_mean_loss():
     torch.manual_seed(0)
     module = MNISTClassifier(model="mlp")
     module._trainer = SimpleNamespace(log_every_n_steps=0, is_last_batch=False, global_step=0)
-    # the training step's own part; the optimizer's step after it is Lightning's and torch's
     batches = [(torch.randn(n, 1, 28, 28), torch.randint(0, 10, (n,))) for n in (64, 64, 17)]
     losses = []
     for x, y in batches:
         torch.manual_seed(1)  # the same dropout masks in both passes
         module.zero_grad()
-        with Reads() as reads:
+        with Reads() as reads:  # the step's own part; the optimizer's step after it is torch's
             loss = module.batch_loss((x, y))
         loss.backward()
         assert not {"__bool__", "item", "tolist", "any", "all", "isnan", "nonzero"} & set(reads.names), reads.names

@@ -49,8 +49,8 @@ RECIPE = {
 # them reruns nothing. So are the loggers: the CSV log (which evaluation and the summary
 # read) and TensorBoard's event files beside it; and how often they take the step loss:
 # Lightning's default, 50 steps. A logged step costs a `self.log`, a CSV row and a flushed
-# TensorBoard event (~0.65 ms on a CPU), and on a GPU a wait for the device: a step of a
-# fraction of a millisecond pays it in full (bench/README.md, "Per-step overhead (2026-12-06)").
+# TensorBoard event, and on a GPU a wait for the device, which a step of a fraction of a
+# millisecond pays in full (bench/README.md, "Per-step overhead (2026-12-06)").
 RUNTIME = {
     "cpus_per_process": 4,
     "mem_mb_per_process": 4000,

@@ -38,8 +38,8 @@ class MNISTClassifier(pl.LightningModule):
         self.train_loss_mean = MeanMetric(nan_strategy="disable")
         self.train_loss_mean.persistent(True)
         # The training step steps the optimizer and the schedule itself, in the order Lightning's
-        # automatic optimization would, and trains the same weights (tests/test_model.py), for
-        # a fifth fewer Python calls a step (bench/README.md, "Per-step overhead").
+        # automatic optimization would, and trains the same weights (tests/test_model.py), with
+        # fewer Python calls a step (bench/README.md, "Per-step overhead").
         self.automatic_optimization = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -51,9 +51,9 @@ class MNISTClassifier(pl.LightningModule):
         optimizer.zero_grad()
         self.manual_backward(loss)
         optimizer.step()
-        schedule = self.lr_schedulers()
-        if schedule is not None and (self.hparams.schedule == "onecycle" or self.trainer.is_last_batch):
-            schedule.step()  # one-cycle after every step, the step schedule after each epoch
+        for schedule in self.trainer.lr_scheduler_configs:  # at its interval, as Lightning would
+            if schedule.interval == "step" or self.trainer.is_last_batch:
+                schedule.scheduler.step()
         return loss
 
     def batch_loss(self, batch) -> torch.Tensor:
@@ -94,11 +94,10 @@ class MNISTClassifier(pl.LightningModule):
         if hp.schedule == "none":
             return opt
         if hp.schedule == "step":
-            schedule = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.7)
-        else:
-            total = int(self.trainer.estimated_stepping_batches)
-            schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=hp.lr, total_steps=max(total, 1))
-        return {"optimizer": opt, "lr_scheduler": schedule}
+            return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.7)}
+        total = int(self.trainer.estimated_stepping_batches)
+        onecycle = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=hp.lr, total_steps=max(total, 1))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": onecycle, "interval": "step"}}
 
     def __setattr__(self, name, value):
         # Lightning sets the name of the hook it is in on the module before and after every
