@@ -338,7 +338,7 @@ def test_interrupted_mid_epoch_resumes_to_the_weights_of_an_uninterrupted_run(co
 
     last = copy.path("results/runs/killed/checkpoints/last.ckpt")
     every = ("--set-resources", f"train:checkpoint_every_s={interval}") if interval else ()
-    with background(copy, "results/runs/killed/model.ckpt", "--cores", "2", "--retries", "1", *every) as bg:
+    with background(copy, "results/runs/killed/model.ckpt", "--cores", "2", "--retries", "1", "--show-failed-logs", *every) as bg:
         if interval:
             wait_for(lambda: _mid_epoch_checkpoint(last), 240, "a mid-epoch checkpoint")
         else:
@@ -359,6 +359,9 @@ def test_interrupted_mid_epoch_resumes_to_the_weights_of_an_uninterrupted_run(co
         assert resumed["mid_epoch"] == bool(interval), resumed
     else:
         assert first["outcome"].startswith("preempted: SIGTERM received; stopped after saving epoch 1, step"), first
+        out = bg.output()
+        assert "SIGTERM received: saved a mid-epoch checkpoint at epoch" in out, out[-5000:]
+        assert "exiting 75 so a retry or requeue resumes" in out, out[-5000:]
         assert resumed["mid_epoch"] and first["steps_trained"] == resumed["global_step"], (first, resumed)
     assert second["steps_trained"] == killed["global_step"] - resumed["global_step"]
     assert killed["global_step"] == straight["global_step"] and killed["epochs"] == 3
