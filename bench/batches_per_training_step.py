@@ -1,17 +1,18 @@
 """What Lightning's per-batch machinery costs a step, and what k batches per training step would save.
 
 A side measurement for issue 16, item 2 (bench/README.md, "Per-step overhead (2026-12-06,
-evening)"), not a workflow setting. The same setting as step_overhead.py's first rungs: the
+08:00 UTC)"), not a workflow setting. The same setting as step_overhead.py's first rungs: the
 MLP at batch 16 on 16,000 Fashion-MNIST training images, AdamW + one-cycle, manual
 optimization, a Trainer with no logger, checkpoint or callback. Here the loader hands the
 training step k batches at once (one batch of 16k), and the step runs the optimizer once per
 batch of 16 in it: the same optimizer steps, with Lightning's loop, hooks and fetch run once
 every k steps (Keras calls this steps_per_execution). k = 1 is Lightning as the workflow uses
-it. Against it, a hand-written loop over the same tensors.
+it. Against it, the ladder's hand-written loop (lockstep.HandStep) over the same tensors.
 
 Whole one-epoch fits, timed in turn (the hand-written loop, then each k) in each of
 `--repeats` rounds; recorded: each side's microseconds per optimizer step, their medians over
-the rounds, and each k's median minus the hand-written loop's.
+the rounds, each k's median minus the hand-written loop's, and the median over the rounds of
+each round's difference (the machine's speed drifts between rounds more than within one).
 
     PYTHONPATH=src .venv/bin/python bench/batches_per_training_step.py [--repeats 5]
 """
@@ -28,6 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+import lockstep  # noqa: E402
 
 import pytorch_lightning as pl  # noqa: E402
 import torch  # noqa: E402
@@ -41,10 +43,6 @@ from mnistflow.train import keep_freed_memory, plain_cuda_check  # noqa: E402
 
 BATCH, IMAGES, VAL_SIZE = 16, 16000, 5000
 KS = (1, 2, 4, 8, 16)
-
-
-def onecycle(opt, steps):
-    return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=RECIPE["lr"], total_steps=steps)
 
 
 class KBatches(pl.LightningModule):
@@ -67,7 +65,8 @@ class KBatches(pl.LightningModule):
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.parameters(), lr=RECIPE["lr"], weight_decay=RECIPE["weight_decay"])
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": onecycle(opt, self.steps), "interval": "step"}}
+        onecycle = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=RECIPE["lr"], total_steps=self.steps)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": onecycle, "interval": "step"}}
 
 
 def lightning(data: MNISTDataModule, k: int, steps: int) -> float:
@@ -84,18 +83,10 @@ def lightning(data: MNISTDataModule, k: int, steps: int) -> float:
 
 
 def by_hand(x: torch.Tensor, y: torch.Tensor, steps: int) -> float:
-    torch.manual_seed(RECIPE["seed"])
-    net = MLP().train()
-    opt = torch.optim.AdamW(net.parameters(), lr=RECIPE["lr"], weight_decay=RECIPE["weight_decay"])
-    schedule = onecycle(opt, steps)
+    step = lockstep.HandStep(MLP(), x, y, BATCH, RECIPE["lr"], RECIPE["weight_decay"], steps, seed=RECIPE["seed"])
     start = time.perf_counter()
-    order = torch.randperm(len(y))
-    for i in range(0, len(y), BATCH):
-        idx = order[i:i + BATCH]
-        opt.zero_grad()
-        F.cross_entropy(net(x[idx]), y[idx]).backward()
-        opt.step()
-        schedule.step()
+    for _ in range(steps):
+        step()
     return (time.perf_counter() - start) / steps * 1e6
 
 
@@ -126,14 +117,15 @@ def main(argv=None):
         print(f"round {r + 1}: " + ", ".join(f"{side} {v[-1]:.0f}" for side, v in us.items()), flush=True)
     median = {side: round(statistics.median(v), 1) for side, v in us.items()}
     over = {side: round(median[side] - median["by hand"], 1) for side in sides if side != "by hand"}
+    paired = {side: round(statistics.median(k - h for k, h in zip(us[side], us["by hand"])), 1) for side in over}
     record = {"batch": BATCH, "images": len(split), "steps": steps, "threads": args.threads, "repeats": args.repeats,
-              "us_per_step": us, "median_us_per_step": median, "over_by_hand_us": over,
+              "us_per_step": us, "median_us_per_step": median, "over_by_hand_us": over, "over_by_hand_paired_us": paired,
               "loadavg_start": load_start, "loadavg_end": common.load_time()}
     md = (f"One epoch of the MLP at batch {BATCH} on {len(split):,} Fashion-MNIST images ({steps} optimizer steps), "
           f"Lightning with manual optimization and k batches of {BATCH} per training step, against a hand-written loop; "
           f"whole fits in turn, medians of {args.repeats} rounds.\n\n")
-    md += common.table(["side", "µs a step (median)", "more than by hand"],
-                       [[side, median[side], over.get(side, "")] for side in sides])
+    md += common.table(["side", "µs a step (median)", "more than by hand", "more than by hand, paired by round"],
+                       [[side, median[side], over.get(side, ""), paired.get(side, "")] for side in sides])
     common.save("batches_per_training_step", record, md)
 
 
