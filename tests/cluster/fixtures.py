@@ -19,9 +19,16 @@ not Linux, packages missing and apt-get unavailable or failing); a cluster that 
 start but does not is a test *error* carrying the daemon log tail.
 
 For another shape: ``slurm_cluster_3n = slurm_cluster_fixture("slurm_cluster_3n", nodes=3)``.
+
+Under pytest-xdist the controlling process starts the cluster before its workers
+(``start_for_workers``) and names it in ``MNISTFLOW_SLURM_CLUSTER``; each worker's fixture
+then uses that cluster and neither starts nor stops it.
 """
 
 from __future__ import annotations
+
+import json
+import os
 
 import pytest
 
@@ -31,8 +38,35 @@ from tests.cluster.slurm import SlurmCluster, SlurmInUse
 # by a test module), which gives pytest two session fixtures; they share the running cluster.
 _shared: dict = {"cluster": None, "kwargs": None, "refs": 0, "skip_reason": None}
 
+# Set by start_for_workers in the controlling process: {"kwargs": ...} or {"skip": reason}.
+WORKERS_ENV = "MNISTFLOW_SLURM_CLUSTER"
+
+
+def start_for_workers(**kwargs):
+    """Start the session's cluster in this (controlling) process for the workers to use.
+
+    Returns a generator to close when the session ends, which stops the cluster.
+    """
+    session = _cluster_session(**kwargs)
+    try:
+        next(session)
+        os.environ[WORKERS_ENV] = json.dumps({"kwargs": kwargs})
+    except pytest.skip.Exception as skipped:
+        os.environ[WORKERS_ENV] = json.dumps({"skip": str(skipped.msg)})
+    return session
+
 
 def _cluster_session(**kwargs):
+    started_for_us = json.loads(os.environ.get(WORKERS_ENV) or "null")
+    if started_for_us is not None and _shared["cluster"] is None:  # an xdist worker
+        if "skip" in started_for_us:
+            pytest.skip(started_for_us["skip"])
+        if started_for_us["kwargs"] != kwargs:
+            raise RuntimeError(f"the session's Slurm test cluster has {started_for_us['kwargs']}, not {kwargs}")
+        cluster = SlurmCluster(**kwargs)
+        cluster.started = True
+        yield cluster
+        return
     if _shared["skip_reason"]:
         pytest.skip(_shared["skip_reason"])
     if _shared["cluster"] is not None:
