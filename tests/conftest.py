@@ -12,13 +12,17 @@ import pytest
 import yaml
 
 from mnistflow import offline
-from tests.cluster.fixtures import slurm_cluster, start_for_workers  # noqa: F401  (session fixture)
+from tests.cluster.fixtures import slurm_cluster, start_for_workers  # noqa: F401  (slurm_cluster: session fixture)
 from tests.workflow_copy import copy_workflow  # noqa: F401  (the tests import it from here)
+from tests.xdist_units import pytest_collection_modifyitems, pytest_xdist_make_scheduler  # noqa: F401  (hooks)
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 SNAKEMAKE = str(VENV_BIN / "snakemake")
 TEST_CONFIG = ".test/config/config.yaml"
+
+
+SLURM_SESSION = pytest.StashKey()
 
 
 def pytest_configure(config):
@@ -32,34 +36,6 @@ def pytest_unconfigure(config):
     session = config.stash.get(SLURM_SESSION, None)
     if session is not None:
         session.close()  # stops the cluster
-
-
-SLURM_SESSION = pytest.StashKey()
-
-
-def on_slurm(nodeid: str) -> bool:
-    """A test of the Slurm test cluster's modules (the only ones that submit to it)."""
-    return Path(nodeid.split("::")[0]).name.startswith("test_slurm_")
-
-
-def pytest_collection_modifyitems(config, items):
-    """The Slurm tests first: under xdist they take one worker from the start (below)."""
-    items.sort(key=lambda item: not on_slurm(item.nodeid))
-
-
-@pytest.hookimpl(optionalhook=True)
-def pytest_xdist_make_scheduler(config, log):
-    """Under xdist, a work unit is a module (its module fixtures run once), and all the Slurm
-    tests are one unit: they share the cluster's nodes, and they wait on Slurm's and the
-    plugin's polling more than they compute, while the other worker runs the rest."""
-    from xdist.scheduler import LoadScopeScheduling
-
-    class ModulesAndSlurm(LoadScopeScheduling):
-        def _split_scope(self, nodeid: str) -> str:
-            return "slurm" if on_slurm(nodeid) else nodeid.split("::")[0]
-
-    config.option.loadscopereorder = False  # keep collection order: the Slurm unit first
-    return ModulesAndSlurm(config, log)
 
 
 @dataclass
