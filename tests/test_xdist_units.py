@@ -1,5 +1,6 @@
-"""`make test`'s two workers: the Slurm modules' tests all on one worker, first, and each other
-module's tests on one worker (tests/xdist_units.py), checked on a small tree of its own."""
+"""`make test`'s two workers: the Slurm modules' tests all on one worker, first, then the modules
+with the most end-to-end tests, each module's tests on one worker (tests/xdist_units.py), checked
+on a small tree of its own."""
 
 from __future__ import annotations
 
@@ -10,34 +11,50 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Each test notes its worker and, per worker, its place in that worker's order.
+# Each test appends its module's name to its worker's log.
 TEST = '''
-import os
-from pathlib import Path
-
+@pytest.mark.{mark}
 def test_{name}():
-    worker = os.environ["PYTEST_XDIST_WORKER"]
-    log = Path(os.environ["UNITS_LOG"]) / worker
-    with log.open("a") as f:
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    with (Path(os.environ["UNITS_LOG"]) / worker).open("a") as f:
         f.write("{module}\\n")
 '''
+# module: (tests, their mark); in collection (alphabetical) order
+MODULES = {
+    "test_alpha": (3, "unit"),
+    "test_beta": (2, "workflow"),
+    "test_gamma": (3, "rerun"),
+    "test_slurm_cluster": (2, "slurm"),
+    "test_slurm_workflow": (2, "slurm"),
+}
 
 
-def test_slurm_modules_share_one_worker_and_come_first(tmp_path):
+def run_pytest(tmp_path, *args):
     tree, log = tmp_path / "tree", tmp_path / "log"
-    tree.mkdir(), log.mkdir()
-    modules = {"test_alpha": 3, "test_slurm_cluster": 2, "test_beta": 3, "test_slurm_workflow": 2, "test_gamma": 2}
-    for module, count in modules.items():
-        (tree / f"{module}.py").write_text("".join(TEST.format(name=f"{module}_{i}", module=module) for i in range(count)))
+    tree.mkdir(exist_ok=True), log.mkdir(exist_ok=True)
+    (tree / "pytest.ini").write_text("[pytest]\nmarkers =\n" + "".join(f"    {m}: -\n" for m in ("unit", "workflow", "rerun", "slurm")))
+    for module, (count, mark) in MODULES.items():
+        body = "".join(TEST.format(mark=mark, name=f"{module}_{i}", module=module) for i in range(count))
+        (tree / f"{module}.py").write_text(f"import os\nfrom pathlib import Path\nimport pytest\n{body}")
     run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-n", "2", "-p", "tests.xdist_units", "-p", "no:cacheprovider", "-q", str(tree)],
+        [sys.executable, "-m", "pytest", "-p", "tests.xdist_units", "-p", "no:cacheprovider", "-q", *args, str(tree)],
         cwd=tmp_path, capture_output=True, text=True, timeout=120,
         env={**os.environ, "PYTHONPATH": str(REPO), "UNITS_LOG": str(log)},
     )
     assert run.returncode == 0, run.stdout + run.stderr
-    order = {worker.name: worker.read_text().split() for worker in log.iterdir()}
-    assert sum(len(ran) for ran in order.values()) == sum(modules.values())
-    for module, count in modules.items():
+    return {worker.name: worker.read_text().split() for worker in log.iterdir()}
+
+
+def test_slurm_first_then_the_modules_with_the_most_end_to_end_tests(tmp_path):
+    [ran] = run_pytest(tmp_path).values()  # one process: the order the workers are sent units in
+    modules = list(dict.fromkeys(ran))
+    assert modules == ["test_slurm_cluster", "test_slurm_workflow", "test_gamma", "test_beta", "test_alpha"], ran
+
+
+def test_slurm_modules_share_one_worker_and_each_module_runs_on_one(tmp_path):
+    order = run_pytest(tmp_path, "-n", "2")
+    assert sum(len(ran) for ran in order.values()) == sum(count for count, _ in MODULES.values())
+    for module, (count, _) in MODULES.items():
         on = [worker for worker, ran in order.items() if module in ran]
         assert len(on) == 1 and order[on[0]].count(module) == count, (module, order)
     [slurm_worker] = {w for w, ran in order.items() if "test_slurm_cluster" in ran}
