@@ -34,8 +34,8 @@ run: install
 demo: install
 	$(BIN)/python -m mnistflow.demo
 
-# Two workers: the Slurm tests, which mostly wait on Slurm, on one; the rest on the other
-# (tests/conftest.py). `.venv/bin/python -m pytest` alone runs them one after another.
+# Two workers: the Slurm tests, which mostly wait on Slurm, on one; the rest beside them
+# (tests/xdist_units.py). `.venv/bin/python -m pytest` alone runs them one after another.
 test: install
 	$(BIN)/python -m pytest -n 2
 
