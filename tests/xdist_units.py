@@ -5,8 +5,9 @@ A work unit is a module, so that each module fixture runs once, and all the Slur
 wait on Slurm's and the plugin's polling more than they compute, while the other worker runs
 the rest. The other modules follow, those with the most end-to-end tests first (they run
 Snakemake or the benchmarks, and take most of the time), so that both workers end together on
-the modules of unit tests rather than one idling while the other runs a long module sent last. (xdist's own `--dist loadgroup` would take `xdist_group` marks, but xdist
-3.8.0 renames the tests through an attribute pytest 9.2 no longer reads, and ignores them.)
+the modules of unit tests rather than one idling while the other runs a long module sent last.
+(xdist's own `--dist loadgroup` would take `xdist_group` marks, but xdist 3.8.0 renames the
+tests through an attribute pytest 9.2 no longer reads, and ignores them.)
 """
 
 from __future__ import annotations
