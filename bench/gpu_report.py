@@ -4,6 +4,7 @@
     python bench/gpu_report.py OUT/gpu.json       # one device run's, written beside it as OUT/gpu.md
 """
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -84,4 +85,6 @@ def main(paths: list[str]):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("paths", nargs="*", help="gpu.json files (default: every bench/results/gpu_*.json)")
+    main(parser.parse_args().paths)
