@@ -12,7 +12,8 @@ import pytest
 import yaml
 
 from mnistflow import offline
-from tests.cluster.fixtures import slurm_cluster, start_for_workers  # noqa: F401  (slurm_cluster: session fixture)
+from tests.cluster.fixtures import slurm_cluster  # noqa: F401  (session fixture)
+from tests.cluster.fixtures import pytest_configure, pytest_unconfigure  # noqa: F401  (hooks: the cluster under xdist)
 from tests.workflow_copy import copy_workflow  # noqa: F401  (the tests import it from here)
 from tests.xdist_units import pytest_collection_modifyitems, pytest_xdist_make_scheduler  # noqa: F401  (hooks)
 
@@ -20,22 +21,6 @@ REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 SNAKEMAKE = str(VENV_BIN / "snakemake")
 TEST_CONFIG = ".test/config/config.yaml"
-
-
-SLURM_SESSION = pytest.StashKey()
-
-
-def pytest_configure(config):
-    """Under pytest-xdist (`make test` runs two workers): one Slurm cluster for the session,
-    started here before the workers, which use it (tests/cluster/fixtures.py)."""
-    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
-        config.stash[SLURM_SESSION] = start_for_workers()
-
-
-def pytest_unconfigure(config):
-    session = config.stash.get(SLURM_SESSION, None)
-    if session is not None:
-        session.close()  # stops the cluster
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """`make test`'s two workers: the Slurm modules' tests all on one worker, first, then the modules
 with the most end-to-end tests, each module's tests on one worker (tests/xdist_units.py), checked
-on a small tree of its own."""
+on a small tree of its own; and a test cluster that fails to start in the controlling process
+(tests/cluster/fixtures.py) errors the Slurm tests alone."""
 
 from __future__ import annotations
 
@@ -59,3 +60,35 @@ def test_slurm_modules_share_one_worker_and_each_module_runs_on_one(tmp_path):
         assert len(on) == 1 and order[on[0]].count(module) == count, (module, order)
     [slurm_worker] = {w for w, ran in order.items() if "test_slurm_cluster" in ran}
     assert set(order[slurm_worker][:4]) == {"test_slurm_cluster", "test_slurm_workflow"}, order
+
+
+# A cluster whose start fails in the controlling process: SlurmCluster's start raises, and its
+# stop touches nothing (this session's own cluster may be running).
+FAILING_START = '''
+from tests.cluster import fixtures
+
+def start_or_reason(self):
+    raise fixtures.SlurmStartError("slurmctld exited; its log ends: fatal: no partition")
+
+fixtures.SlurmCluster.start_or_reason = start_or_reason
+fixtures.SlurmCluster.stop = lambda self, stop_services=True: []
+'''
+ON_THE_CLUSTER = '''
+def test_on_the_cluster(slurm_cluster):
+    pass
+'''
+
+
+def test_a_cluster_that_fails_to_start_errors_the_slurm_tests_and_the_others_run(tmp_path):
+    (tmp_path / "conftest.py").write_text(FAILING_START)
+    (tmp_path / "test_slurm_one.py").write_text(ON_THE_CLUSTER)
+    (tmp_path / "test_alpha.py").write_text("def test_alpha():\n    pass\n")
+    env = {key: value for key, value in os.environ.items() if key != "MNISTFLOW_SLURM_CLUSTER"}
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "tests.cluster.fixtures", "-p", "tests.xdist_units",
+         "-p", "no:cacheprovider", "-q", "-n", "2", str(tmp_path)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120, env={**env, "PYTHONPATH": str(REPO)},
+    )
+    out = run.stdout + run.stderr
+    assert run.returncode == 1 and "1 passed, 1 error" in out, out
+    assert "ERROR" in out and "test_on_the_cluster" in out and "fatal: no partition" in out, out

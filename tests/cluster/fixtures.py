@@ -21,8 +21,9 @@ start but does not is a test *error* carrying the daemon log tail.
 For another shape: ``slurm_cluster_3n = slurm_cluster_fixture("slurm_cluster_3n", nodes=3)``.
 
 Under pytest-xdist the controlling process starts the cluster before its workers
-(``start_for_workers``) and names it in ``MNISTFLOW_SLURM_CLUSTER``; each worker's fixture
-then uses that cluster and neither starts nor stops it.
+(``pytest_configure``, which ``tests/conftest.py`` takes in) and names it in
+``MNISTFLOW_SLURM_CLUSTER``; each worker's fixture then uses that cluster and neither starts
+nor stops it. A skip or a start error reaches the Slurm tests as it would in one process.
 """
 
 from __future__ import annotations
@@ -32,14 +33,29 @@ import os
 
 import pytest
 
-from tests.cluster.slurm import SlurmCluster, SlurmInUse
+from tests.cluster.slurm import SlurmCluster, SlurmInUse, SlurmStartError
 
 # One cluster per process: the fixture may be collected twice (imported by tests/conftest.py and
 # by a test module), which gives pytest two session fixtures; they share the running cluster.
 _shared: dict = {"cluster": None, "kwargs": None, "refs": 0, "skip_reason": None}
 
-# Set by start_for_workers in the controlling process: {"kwargs": ...} or {"skip": reason}.
+# Set by start_for_workers in the controlling process: {"kwargs": ...}, {"skip": reason} or
+# {"error": message}.
 WORKERS_ENV = "MNISTFLOW_SLURM_CLUSTER"
+SESSION = pytest.StashKey()
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (`make test` runs two workers): one cluster for the session, started
+    here, in the controlling process, before the workers, which use it."""
+    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
+        config.stash[SESSION] = start_for_workers()
+
+
+def pytest_unconfigure(config):
+    session = config.stash.get(SESSION, None)
+    if session is not None:
+        session.close()  # stops the cluster
 
 
 def start_for_workers(**kwargs):
@@ -53,6 +69,8 @@ def start_for_workers(**kwargs):
         os.environ[WORKERS_ENV] = json.dumps({"kwargs": kwargs})
     except pytest.skip.Exception as skipped:
         os.environ[WORKERS_ENV] = json.dumps({"skip": str(skipped.msg)})
+    except Exception as failed:  # each Slurm test's error, as in one process; the other tests run
+        os.environ[WORKERS_ENV] = json.dumps({"error": f"{type(failed).__name__}: {failed}"})
     return session
 
 
@@ -61,6 +79,8 @@ def _cluster_session(**kwargs):
     if started_for_us is not None and _shared["cluster"] is None:  # an xdist worker
         if "skip" in started_for_us:
             pytest.skip(started_for_us["skip"])
+        if "error" in started_for_us:
+            raise SlurmStartError(f"the session's Slurm test cluster did not start: {started_for_us['error']}")
         if started_for_us["kwargs"] != kwargs:
             raise RuntimeError(f"the session's Slurm test cluster has {started_for_us['kwargs']}, not {kwargs}")
         cluster = SlurmCluster(**kwargs)
