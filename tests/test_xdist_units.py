@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.cluster.fixtures import WORKERS_ENV
+
 REPO = Path(__file__).resolve().parents[1]
 
 # Each test appends its module's name to its worker's log.
@@ -83,7 +85,7 @@ def test_a_cluster_that_fails_to_start_errors_the_slurm_tests_and_the_others_run
     (tmp_path / "conftest.py").write_text(FAILING_START)
     (tmp_path / "test_slurm_one.py").write_text(ON_THE_CLUSTER)
     (tmp_path / "test_alpha.py").write_text("def test_alpha():\n    pass\n")
-    env = {key: value for key, value in os.environ.items() if key != "MNISTFLOW_SLURM_CLUSTER"}
+    env = {key: value for key, value in os.environ.items() if key != WORKERS_ENV}  # not this session's cluster
     run = subprocess.run(
         [sys.executable, "-m", "pytest", "-p", "tests.cluster.fixtures", "-p", "tests.xdist_units",
          "-p", "no:cacheprovider", "-q", "-n", "2", str(tmp_path)],
