@@ -34,7 +34,8 @@ def pytest_collection_modifyitems(items):
     end_to_end = Counter(
         module_of(item.nodeid) for item in items if END_TO_END & {mark.name for mark in item.iter_markers()}
     )
-    # A stable sort by module keeps each module's tests together and in their order.
+    # The key is the same for all of a module's tests, and the sort is stable: each module's
+    # tests stay together, in their order.
     items.sort(key=lambda item: (not on_slurm(item.nodeid), -end_to_end[module_of(item.nodeid)]))
 
 
