@@ -35,7 +35,8 @@ MODULES = {
 def run_pytest(tmp_path, *args):
     tree, log = tmp_path / "tree", tmp_path / "log"
     tree.mkdir(exist_ok=True), log.mkdir(exist_ok=True)
-    (tree / "pytest.ini").write_text("[pytest]\nmarkers =\n" + "".join(f"    {m}: -\n" for m in ("unit", "workflow", "rerun", "slurm")))
+    marks = sorted({mark for _, mark in MODULES.values()})
+    (tree / "pytest.ini").write_text("[pytest]\nmarkers =\n" + "".join(f"    {mark}: -\n" for mark in marks))
     for module, (count, mark) in MODULES.items():
         body = "".join(TEST.format(mark=mark, name=f"{module}_{i}", module=module) for i in range(count))
         (tree / f"{module}.py").write_text(f"import os\nfrom pathlib import Path\nimport pytest\n{body}")
