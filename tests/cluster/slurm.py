@@ -29,7 +29,8 @@ slurm.conf highlights (see ``slurm_conf_text()``): select/cons_tres with
 CR_Core_Memory, DefMemPerCPU=500, partition MaxTime=INFINITE DefaultTime=60,
 ReturnToService=2, JobRequeue=1 (``scontrol requeue`` works; a requeued job is
 eligible again after cred_expire+1 = 11 s), MinJobAge=600 (``scontrol show job``
-sees finished jobs for 10 minutes), KillWait=5, OverTimeLimit=0,
+sees finished jobs for 10 minutes), KillWait=30 (Slurm's default: the time a job's
+processes have from SIGTERM to SIGKILL), OverTimeLimit=0,
 bf_interval=1/sched_interval=2 (fast rescheduling), proctrack/linuxproc +
 task/none (no cgroups; ``scancel --signal=USR1`` reaches every job step process),
 jobacct_gather/linux + slurmdbd (``sacct`` reports steps, TRES, exit codes).
@@ -323,7 +324,7 @@ class SlurmCluster:
         *,
         def_mem_per_cpu: int = 500,
         min_job_age: int = 600,
-        kill_wait: int = 5,
+        kill_wait: int = 30,
         over_time_limit: int = 0,
         cred_expire: int = 10,
         conf_dir: str | Path = "/etc/slurm",
