@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import TEST_CONFIG, Workflow, copy_workflow
+from tests.processes import one_process, wait_for
 
 pytestmark = pytest.mark.slurm
 
@@ -150,15 +151,6 @@ def test_dry_run_shows_the_slurm_request(slurm_chain):
         assert needle in block, (needle, block)
 
 
-def _wait_for(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.5)
-    return value
-
-
 def _running_train_job(cluster, wf):
     out = subprocess.run(["squeue", "-h", "-o", "%i %k %T"], capture_output=True, text=True, env=cluster.env()).stdout
     for line in out.splitlines():
@@ -198,8 +190,8 @@ def test_interrupted_training_resumes_to_the_uninterrupted_weights(slurm_cluster
         cwd=wf.root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=wf.env(),
     )
     ckpt = wf.path("results/runs/long/checkpoints/last.ckpt")
-    _wait_for(ckpt.exists, 300, "the first epoch's checkpoint")
-    jobid = _wait_for(lambda: _running_train_job(slurm_cluster, wf), 30, "the running training job")
+    wait_for(ckpt.exists, 300, "the first epoch's checkpoint")
+    jobid = wait_for(lambda: _running_train_job(slurm_cluster, wf), 30, "the running training job", interval=0.5)
     # The second epoch started with the checkpoint: a few of its batches, and well before its
     # last two epochs (about 2 s here) are done.
     time.sleep(0.3)
@@ -233,19 +225,6 @@ def test_interrupted_training_resumes_to_the_uninterrupted_weights(slurm_cluster
         assert len(slurm_jobs(wf)["train/long" if geometry == SINGLE else "train_ddp/long"]) == 2, slurm_jobs(wf)
 
 
-def _training_processes(run: str) -> list[int]:
-    """The pids of `python -m mnistflow.train --run <run>` on this machine (the test nodes' processes)."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        try:
-            argv = (proc / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"mnistflow.train" in argv and b"-m" in argv and (b"--run", run.encode()) in zip(argv, argv[1:]):
-            pids.append(int(proc.name))
-    return pids
-
-
 def _job_state(cluster, jobid: int) -> str:
     """The job's state in squeue (RUNNING, COMPLETING...; "" once it has left)."""
     return subprocess.run(["squeue", "-h", "-j", str(jobid), "-o", "%T"], capture_output=True, text=True, env=cluster.env()).stdout.strip()
@@ -255,9 +234,9 @@ def test_training_past_its_time_limit_saves_at_slurms_sigterm_and_resumes(slurm_
     """A real time limit, without the USR1 warning (slurm_extra ''). Once the job has saved its
     first epoch, its training process is stopped (SIGSTOP) and the job's limit lowered to 1
     minute (`scontrol update`, as an admin can). Slurm ends it at its next check, 60 to 90 s
-    into the job, with SIGTERM, then SIGKILL after KillWait (5 s here). The test continues
-    the process (SIGCONT) as soon as squeue shows the job ending, so that it is mid-run at
-    its limit on a machine of any speed, with no more training than that needs: the rank
+    into the job, with SIGTERM, then SIGKILL after KillWait (30 s, Slurm's default). The test
+    continues the process (SIGCONT) as soon as squeue shows the job ending, so that it is
+    mid-run at its limit on a machine of any speed, with no more training than that needs: the rank
     saves at the SIGTERM, the job ends TIMEOUT, and Snakemake's retry, under the rule's own
     limit, resumes and trains every step once. (Submitted with a 1-minute limit, the retry
     would race the same limit.)"""
@@ -270,18 +249,21 @@ def test_training_past_its_time_limit_saves_at_slurms_sigterm_and_resumes(slurm_
                                                     "--set-resources", "train:slurm_extra=''")],
         cwd=wf.root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=wf.env(),
     )
-    jobid = _wait_for(lambda: _running_train_job(slurm_cluster, wf), 300, "the running training job")
-    _wait_for(wf.path("results/runs/long/checkpoints/last.ckpt").exists, 180, "the first epoch's checkpoint")
-    [pid] = _training_processes("long")
+    jobid = wait_for(lambda: _running_train_job(slurm_cluster, wf), 300, "the running training job", interval=0.5)
+    wait_for(wf.path("results/runs/long/checkpoints/last.ckpt").exists, 180, "the first epoch's checkpoint")
+    pid = one_process(wf, "train", "long")
     os.kill(pid, signal.SIGSTOP)
     slurm_cluster.run(["scontrol", "update", f"JobId={jobid}", "TimeLimit=1"], timeout=10)
-    _wait_for(lambda: _job_state(slurm_cluster, jobid) != "RUNNING", 150, "Slurm to end the job at its time limit")
+    wait_for(lambda: _job_state(slurm_cluster, jobid) != "RUNNING", 150, "Slurm to end the job at its time limit", interval=0.5)
     os.kill(pid, signal.SIGCONT)
     out, _ = proc.communicate(timeout=620)
     assert proc.returncode == 0, out[-6000:] + wf.logs_tail()
     record = json.loads(wf.path("results/runs/long/train.json").read_text())
     attempts = record["attempts"]
-    assert attempts[0]["outcome"].startswith("preempted: SIGTERM received"), attempts
+    # When the save does not finish within KillWait, the first attempt is SIGKILLed, on record
+    # as never ended: the logs and slurmd's say when the job ended and what the process did.
+    assert (attempts[0]["outcome"] or "").startswith("preempted: SIGTERM received"), (
+        f"{attempts}\n{wf.logs_tail()}\n--- slurmd-n1\n{slurm_cluster.log_tail('slurmd-n1')}")
     assert attempts[-1]["outcome"] == "finished" and len(attempts) == 2, attempts
     first, retry = (slurm_cluster.sacct(a["slurm_job_id"], ["JobID", "State", "Timelimit"], allocations_only=True)[0]
                     for a in attempts)
