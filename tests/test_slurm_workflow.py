@@ -225,20 +225,15 @@ def test_interrupted_training_resumes_to_the_uninterrupted_weights(slurm_cluster
         assert len(slurm_jobs(wf)["train/long" if geometry == SINGLE else "train_ddp/long"]) == 2, slurm_jobs(wf)
 
 
-def _job_state(cluster, jobid: int) -> str:
-    """The job's state in squeue (RUNNING, COMPLETING...; "" once it has left)."""
-    return subprocess.run(["squeue", "-h", "-j", str(jobid), "-o", "%T"], capture_output=True, text=True, env=cluster.env()).stdout.strip()
-
-
 def test_training_past_its_time_limit_saves_at_slurms_sigterm_and_resumes(slurm_cluster, tmp_path_factory, mirror):
     """A real time limit, without the USR1 warning (slurm_extra ''). Once the job has saved its
     first epoch, its training process is stopped (SIGSTOP) and the job's limit lowered to 1
     minute (`scontrol update`, as an admin can). Slurm ends it at its next check, 60 to 90 s
     into the job, with SIGTERM, then SIGKILL after KillWait (30 s, Slurm's default). The test
-    continues the process (SIGCONT) as soon as squeue shows the job ending, so that it is
-    mid-run at its limit on a machine of any speed, with no more training than that needs: the rank
-    saves at the SIGTERM, the job ends TIMEOUT, and Snakemake's retry, under the rule's own
-    limit, resumes and trains every step once. (Submitted with a 1-minute limit, the retry
+    continues the process (SIGCONT) as soon as scontrol shows the job ending, so that it is
+    mid-run at its limit on a machine of any speed, with no more training than that needs: the
+    rank saves at the SIGTERM, the job ends TIMEOUT, and Snakemake's retry, under the rule's
+    own limit, resumes and trains every step once. (Submitted with a 1-minute limit, the retry
     would race the same limit.)"""
     epochs = 3
     wf = Workflow(copy_workflow(tmp_path_factory.mktemp("time-limit")), [TEST_CONFIG])
@@ -254,7 +249,7 @@ def test_training_past_its_time_limit_saves_at_slurms_sigterm_and_resumes(slurm_
     pid = one_process(wf, "train", "long")
     os.kill(pid, signal.SIGSTOP)
     slurm_cluster.run(["scontrol", "update", f"JobId={jobid}", "TimeLimit=1"], timeout=10)
-    wait_for(lambda: _job_state(slurm_cluster, jobid) != "RUNNING", 150, "Slurm to end the job at its time limit", interval=0.5)
+    wait_for(lambda: slurm_cluster.job_state(jobid) != "RUNNING", 150, "Slurm to end the job at its time limit", interval=0.5)
     os.kill(pid, signal.SIGCONT)
     out, _ = proc.communicate(timeout=620)
     assert proc.returncode == 0, out[-6000:] + wf.logs_tail()
