@@ -151,8 +151,8 @@ def test_dry_run_shows_the_slurm_request(slurm_chain):
         assert needle in block, (needle, block)
 
 
-def _running_train_job(cluster, wf):
-    out = subprocess.run(["squeue", "-h", "-o", "%i %k %T"], capture_output=True, text=True, env=cluster.env()).stdout
+def _running_train_job(cluster):
+    out = cluster.run(["squeue", "-h", "-o", "%i %k %T"], timeout=10, check=False).stdout
     for line in out.splitlines():
         jobid, comment, state = line.split()
         if re.fullmatch(r"rule_train(_ddp)?(_wildcards_.*)?", comment) and state == "RUNNING":
@@ -191,11 +191,11 @@ def test_interrupted_training_resumes_to_the_uninterrupted_weights(slurm_cluster
     )
     ckpt = wf.path("results/runs/long/checkpoints/last.ckpt")
     wait_for(ckpt.exists, 300, "the first epoch's checkpoint")
-    jobid = wait_for(lambda: _running_train_job(slurm_cluster, wf), 30, "the running training job", interval=0.5)
+    jobid = wait_for(lambda: _running_train_job(slurm_cluster), 30, "the running training job", interval=0.5)
     # The second epoch started with the checkpoint: a few of its batches, and well before its
     # last two epochs (about 2 s here) are done.
     time.sleep(0.3)
-    subprocess.run([*INTERRUPTIONS[interruption], str(jobid)], check=True, env=slurm_cluster.env())
+    slurm_cluster.run([*INTERRUPTIONS[interruption], str(jobid)], timeout=10)
     out, _ = proc.communicate(timeout=620)
     assert proc.returncode == 0, out[-6000:] + wf.logs_tail()
 
@@ -244,7 +244,7 @@ def test_training_past_its_time_limit_saves_at_slurms_sigterm_and_resumes(slurm_
                                                     "--set-resources", "train:slurm_extra=''")],
         cwd=wf.root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=wf.env(),
     )
-    jobid = wait_for(lambda: _running_train_job(slurm_cluster, wf), 300, "the running training job", interval=0.5)
+    jobid = wait_for(lambda: _running_train_job(slurm_cluster), 300, "the running training job", interval=0.5)
     wait_for(wf.path("results/runs/long/checkpoints/last.ckpt").exists, 180, "the first epoch's checkpoint")
     pid = one_process(wf, "train", "long")
     os.kill(pid, signal.SIGSTOP)
